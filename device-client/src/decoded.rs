@@ -156,3 +156,63 @@ fn check_consistent(s: &DecodedSummary) -> Result<(), WireError> {
         Err(WireError::Inconsistent)
     }
 }
+
+/// A hello with owned strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HelloOwned {
+    pub boot: u32,
+    pub seq: u32,
+    pub fw: std::string::String,
+    pub model_id: std::string::String,
+    pub model_version: std::string::String,
+    pub model_seq: u32,
+    pub hw: std::string::String,
+    pub caps: u32,
+    pub reset: u8,
+    pub unix_s: Option<u64>,
+}
+
+impl From<&wire::Hello<'_>> for HelloOwned {
+    fn from(h: &wire::Hello<'_>) -> Self {
+        Self {
+            boot: h.boot,
+            seq: h.seq,
+            fw: h.fw.into(),
+            model_id: h.model_id.into(),
+            model_version: h.model_version.into(),
+            model_seq: h.model_seq,
+            hw: h.hw.into(),
+            caps: h.caps,
+            reset: h.reset,
+            unix_s: h.unix_s,
+        }
+    }
+}
+
+/// A block request with an owned object digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockRequestOwned {
+    pub boot: u32,
+    pub seq: u32,
+    pub object: [u8; 32],
+    pub offset: u32,
+    pub len: u16,
+}
+
+impl TryFrom<&wire::BlockRequest<'_>> for BlockRequestOwned {
+    type Error = WireError;
+
+    fn try_from(r: &wire::BlockRequest<'_>) -> Result<Self, WireError> {
+        let object = r.object.try_into().map_err(|_| WireError::OutOfRange)?;
+        if r.len == 0 || usize::from(r.len) > wire::limits::MAX_BLOCK {
+            return Err(WireError::OutOfRange);
+        }
+        Ok(Self {
+            boot: r.boot,
+            seq: r.seq,
+            object,
+            offset: r.offset,
+            len: r.len,
+        })
+    }
+}

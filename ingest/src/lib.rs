@@ -1,1 +1,13 @@
+//! Ingest: turns MQTT messages from devices into verified, decoded fleet events.
+//!
+//! The pipeline is `source -> verify -> decode -> dedup -> aggregate -> sinks`, each stage a
+//! plain component with direct tests; async shells only drive them. This crate holds the first
+//! stages ([`decode`]: topic routing, authentication and strict decoding); deduplication,
+//! aggregation and sinks build on it.
+//!
+//! Invariants:
+//! - A message is trusted only after its COSE_Mac0 tag verifies under the key of the device
+//!   named in its topic. Nothing from an unverified message reaches fleet state.
+//! - Every rejected message has exactly one [`decode::Reject`] reason, which is counted.
 
+pub mod decode;
