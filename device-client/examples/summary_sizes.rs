@@ -22,7 +22,8 @@ fn main() -> Result<(), wire::WireError> {
                 let mut rng = Rng::new(seed);
                 for i in 0..n {
                     let s = sample(&mut rng, &StreamParams::default());
-                    m.record(&s.inference()).map_err(|_| wire::WireError::OutOfRange)?;
+                    m.record(&s.inference())
+                        .map_err(|_| wire::WireError::OutOfRange)?;
                     if labels && i % 10 == 0 {
                         m.record_label(s.predicted, s.actual)
                             .map_err(|_| wire::WireError::OutOfRange)?;

@@ -134,7 +134,12 @@ pub fn seal<E: From<CoseError>>(
     let hlen = bstr_header(len, &mut hdr);
     let payload_at = PREFIX.len() + hlen;
     out[PREFIX.len()..payload_at].copy_from_slice(&hdr[..hlen]);
-    out.copy_within(body_at..body_at + len, payload_at);
+    // Close the gap of at most 2 bytes left by the reserved header. A forward byte loop instead
+    // of `copy_within`: it is correct for this overlap and keeps `memmove` (1.5 KB of flash on
+    // Cortex-M) out of the firmware.
+    for i in 0..len {
+        out[payload_at + i] = out[body_at + i];
+    }
     let end = payload_at + len;
     let mac = tag(key, aad, &out[payload_at..end]).finalize().into_bytes();
     out[end] = 0x40 | TAG_LEN as u8;
@@ -251,11 +256,15 @@ mod tests {
             ))
         );
         parsed
-            .verify_payload_tag(b"tf/v1/x/sum", || "no payload", |tag, data| {
-                let mut mac = HmacSha256::new_from_slice(&KEY.0).unwrap();
-                mac.update(data);
-                mac.verify_truncated_left(tag).map_err(|_| "bad tag")
-            })
+            .verify_payload_tag(
+                b"tf/v1/x/sum",
+                || "no payload",
+                |tag, data| {
+                    let mut mac = HmacSha256::new_from_slice(&KEY.0).unwrap();
+                    mac.update(data);
+                    mac.verify_truncated_left(tag).map_err(|_| "bad tag")
+                },
+            )
             .unwrap();
         // And an envelope coset builds is accepted by `open`.
         let built = coset::CoseMac0Builder::new()

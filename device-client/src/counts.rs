@@ -174,7 +174,7 @@ impl<'a> BitReader<'a> {
         if self.buf.len() != self.pos.div_ceil(8) {
             return Err(CountsError::TrailingData);
         }
-        while self.pos % 8 != 0 {
+        while !self.pos.is_multiple_of(8) {
             if self.bit()? != 0 {
                 return Err(CountsError::TrailingData);
             }
@@ -270,7 +270,10 @@ mod tests {
     fn full_buffer_is_an_error() {
         let mut buf = [0u8; 1];
         let mut w = BitWriter::new(&mut buf);
-        assert_eq!(w.vector([9u32; 4].into_iter()), Err(CountsError::BufferFull));
+        assert_eq!(
+            w.vector([9u32; 4].into_iter()),
+            Err(CountsError::BufferFull)
+        );
     }
 
     proptest! {

@@ -12,10 +12,13 @@
 //!
 //! Modules: [`sketch`] (mergeable fixed-capacity histograms and moments), [`monitor`] (the
 //! windowing API), [`counts`] (the packed-histogram bitstream), [`cose`] (COSE_Mac0 envelopes),
-//! [`wire`] (topics and messages), [`decoded`] (owned, expanded messages; `std` only), [`testkit`] (deterministic inference
-//! streams for tests, benchmarks and the demo; `std` only).
+//! [`wire`] (topics and messages), [`decoded`] (owned, expanded messages; `std` only),
+//! [`testkit`] (deterministic inference streams for tests, benchmarks and the demo; `std` only).
 #![cfg_attr(not(feature = "std"), no_std)]
-#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod cose;
 pub mod counts;

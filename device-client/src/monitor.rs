@@ -16,9 +16,7 @@ use serde::ser::{Serialize, SerializeSeq, Serializer};
 
 use crate::cose::DeviceKey;
 use crate::counts::{BitWriter, CountsError};
-use crate::sketch::{
-    ConfigError, CountMatrix, Edges, FeatureSketch, Histogram, confidence_bin,
-};
+use crate::sketch::{ConfigError, CountMatrix, Edges, FeatureSketch, Histogram, confidence_bin};
 use crate::wire::{self, DeviceId, Health, Kind, Shape, Summary, WireError};
 
 /// The monitoring part of a model's profile, as the device needs it.
@@ -59,8 +57,14 @@ pub enum RecordError {
 ///
 /// `F` features with `B` bins each, `C` classes, `K` confidence bins, `L` latency bins.
 #[derive(Debug, Clone)]
-pub struct Monitor<'p, const F: usize, const B: usize, const C: usize, const K: usize, const L: usize>
-{
+pub struct Monitor<
+    'p,
+    const F: usize,
+    const B: usize,
+    const C: usize,
+    const K: usize,
+    const L: usize,
+> {
     config: MonitorConfig<'p, F, B, L>,
     boot: u32,
     seq: u32,
@@ -120,7 +124,8 @@ impl<'p, const F: usize, const B: usize, const C: usize, const K: usize, const L
         if inference.predicted >= C {
             return Err(RecordError::ClassOutOfRange);
         }
-        let conf_bin = confidence_bin::<K>(inference.confidence).ok_or(RecordError::ConfidenceNan)?;
+        let conf_bin =
+            confidence_bin::<K>(inference.confidence).ok_or(RecordError::ConfidenceNan)?;
         for ((sketch, edges), &x) in self
             .features
             .iter_mut()
@@ -197,7 +202,8 @@ impl<'p, const F: usize, const B: usize, const C: usize, const K: usize, const L
     ) -> Result<usize, WireError> {
         let labelled = self.confusion.total() > 0;
         let shape = Shape(F as u8, B as u8, C as u8, K as u8, L as u8, labelled);
-        let span_ms = u32::try_from(now_ms.saturating_sub(self.window_start_ms)).unwrap_or(u32::MAX);
+        let span_ms =
+            u32::try_from(now_ms.saturating_sub(self.window_start_ms)).unwrap_or(u32::MAX);
         let topic = wire::Topic::new(device, Kind::Summary);
         let n = crate::cose::seal(key, &[topic.as_bytes()], out, |buf: &mut [u8]| {
             let counts_len = self.write_counts(None, labelled).map_err(counts_err)?;
@@ -205,7 +211,8 @@ impl<'p, const F: usize, const B: usize, const C: usize, const K: usize, const L
                 return Err(WireError::BufferTooSmall);
             }
             let (front, tail) = buf.split_at_mut(buf.len() - counts_len);
-            self.write_counts(Some(tail), labelled).map_err(counts_err)?;
+            self.write_counts(Some(tail), labelled)
+                .map_err(counts_err)?;
             let summary = Summary {
                 boot: self.boot,
                 seq: self.seq,
@@ -269,6 +276,23 @@ struct MomentsOut<'s, const B: usize> {
     edges: &'s [Edges<B>],
 }
 
+/// Square root to well beyond half precision, without libm's 0.5 KB of tables: an exponent-halving
+/// first guess and three Newton steps (relative error below 1e-6 for every positive f32).
+fn sqrt(x: f32) -> f32 {
+    if x <= 0.0 || !x.is_finite() {
+        return if x == 0.0 || x.is_infinite() {
+            x
+        } else {
+            f32::NAN
+        };
+    }
+    let mut y = f32::from_bits((x.to_bits() >> 1) + 0x1fc0_0000);
+    for _ in 0..3 {
+        y = 0.5 * (y + x / y);
+    }
+    y
+}
+
 /// Rounds to half precision so that serde_cbor writes the value in 3 bytes.
 fn half(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
@@ -283,14 +307,30 @@ impl<const B: usize> Serialize for MomentsOut<'_, B> {
             let (mean, sd) = if m.n == 0 {
                 (f32::NAN, f32::NAN)
             } else {
-                (
-                    (m.mean - edges.lo()) / range,
-                    libm::sqrtf(m.variance()) / range,
-                )
+                ((m.mean - edges.lo()) / range, sqrt(m.variance()) / range)
             };
             seq.serialize_element(&half(mean))?;
             seq.serialize_element(&half(sd))?;
         }
         seq.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sqrt_is_accurate() {
+        let mut x = 1e-30f32;
+        while x < 1e30 {
+            let want = f64::from(x).sqrt();
+            let got = f64::from(super::sqrt(x));
+            assert!(
+                ((got - want) / want).abs() < 1e-6,
+                "sqrt({x}) = {got}, want {want}"
+            );
+            x *= 1.37;
+        }
+        assert_eq!(super::sqrt(0.0), 0.0);
+        assert!(super::sqrt(-1.0).is_nan());
     }
 }

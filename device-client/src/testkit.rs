@@ -3,6 +3,9 @@
 //! The reference configuration (8 features x 16 bins, 10 classes, 8 confidence bins, 8 latency
 //! bins) with a profile whose edges are the 16-quantiles of a standard normal, and a generator of
 //! inferences whose features are normal with a chosen mean shift.
+//!
+//! Test support: its constant edges are known to be valid, so building them may panic.
+#![allow(clippy::panic)]
 
 use crate::monitor::{Inference, MonitorConfig};
 use crate::sketch::Edges;

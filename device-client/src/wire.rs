@@ -384,7 +384,8 @@ pub struct Block<'a> {
 
 /// Writes `value` as packed CBOR into `buf`; returns the length.
 pub fn to_cbor<T: Serialize + ?Sized>(value: &T, buf: &mut [u8]) -> Result<usize, WireError> {
-    let mut ser = serde_cbor::Serializer::new(serde_cbor::ser::SliceWrite::new(buf)).packed_format();
+    let mut ser =
+        serde_cbor::Serializer::new(serde_cbor::ser::SliceWrite::new(buf)).packed_format();
     match value.serialize(&mut ser) {
         Ok(()) => Ok(ser.into_inner().bytes_written()),
         Err(e) if e.is_scratch_too_small() => Err(WireError::BufferTooSmall),
@@ -501,11 +502,10 @@ mod tests {
     #[test]
     fn unknown_appended_fields_are_ignored() {
         // {0: 3, 1: 4, 2: "future"}
-        let bytes = [0xa3, 0x00, 0x03, 0x01, 0x04, 0x02, 0x66, b'f', b'u', b't', b'u', b'r', b'e'];
-        assert_eq!(
-            from_cbor::<Will>(&bytes).unwrap(),
-            Will { boot: 3, seq: 4 }
-        );
+        let bytes = [
+            0xa3, 0x00, 0x03, 0x01, 0x04, 0x02, 0x66, b'f', b'u', b't', b'u', b'r', b'e',
+        ];
+        assert_eq!(from_cbor::<Will>(&bytes).unwrap(), Will { boot: 3, seq: 4 });
     }
 
     #[test]

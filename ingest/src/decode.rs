@@ -156,15 +156,17 @@ impl Decoder {
         let key = keys.key(device.as_str()).ok_or(Reject::UnknownDevice)?;
         let body = wire::open(topic, &key, payload)?;
         let msg = match kind {
-            Kind::Hello => DeviceMessage::Hello(HelloOwned::from(&wire::from_cbor::<
-                wire::Hello<'_>,
-            >(body)?)),
+            Kind::Hello => {
+                DeviceMessage::Hello(HelloOwned::from(&wire::from_cbor::<wire::Hello<'_>>(body)?))
+            }
             Kind::Will => DeviceMessage::Will(wire::from_cbor(body)?),
             Kind::Summary => DeviceMessage::Summary(Box::new(decode_summary(body)?)),
             Kind::Progress => DeviceMessage::Progress(wire::from_cbor(body)?),
-            Kind::BlockRequest => DeviceMessage::BlockRequest(BlockRequestOwned::try_from(
-                &wire::from_cbor::<wire::BlockRequest<'_>>(body)?,
-            )?),
+            Kind::BlockRequest => {
+                DeviceMessage::BlockRequest(BlockRequestOwned::try_from(&wire::from_cbor::<
+                    wire::BlockRequest<'_>,
+                >(body)?)?)
+            }
             Kind::Offer | Kind::Block => return Err(Reject::WrongDirection),
         };
         Ok((device.as_str().to_owned(), msg))
@@ -175,9 +177,9 @@ impl Decoder {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use tinyfleet_device::ReferenceMonitor;
     use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
     use tinyfleet_device::wire::{DeviceId, Topic};
-    use tinyfleet_device::ReferenceMonitor;
 
     fn keys() -> HashMap<String, DeviceKey> {
         HashMap::from([
@@ -223,7 +225,10 @@ mod tests {
             d.decode("tf/v1/a/ota/offer", &a, &ks),
             Err(Reject::WrongDirection)
         );
-        assert_eq!(d.decode("tf/v1/zz/sum", &a, &ks), Err(Reject::UnknownDevice));
+        assert_eq!(
+            d.decode("tf/v1/zz/sum", &a, &ks),
+            Err(Reject::UnknownDevice)
+        );
         // Device a's summary republished on device b's topic.
         assert_eq!(d.decode("tf/v1/b/sum", &a, &ks), Err(Reject::Forged));
         // Device a signing as b with its own key.
@@ -231,7 +236,10 @@ mod tests {
         assert_eq!(d.decode("tf/v1/b/sum", &forged, &ks), Err(Reject::Forged));
         // A summary on the hello topic.
         assert_eq!(d.decode("tf/v1/a/hello", &a, &ks), Err(Reject::Forged));
-        assert_eq!(d.decode("tf/v1/a/sum", &a[..10], &ks), Err(Reject::Malformed));
+        assert_eq!(
+            d.decode("tf/v1/a/sum", &a[..10], &ks),
+            Err(Reject::Malformed)
+        );
         assert_eq!(
             Decoder::new(64).decode("tf/v1/a/sum", &a, &ks),
             Err(Reject::Oversized)

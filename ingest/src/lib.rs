@@ -10,4 +10,6 @@
 //!   named in its topic. Nothing from an unverified message reaches fleet state.
 //! - Every rejected message has exactly one [`decode::Reject`] reason, which is counted.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod decode;

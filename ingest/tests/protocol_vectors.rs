@@ -75,7 +75,9 @@ fn summary_vector() -> Vec<u8> {
     m.set_rssi_dbm(-80);
     m.observe_free_heap(10_240);
     let mut out = [0u8; 512];
-    let n = m.finish_window(60_000, None, id(), &key(), &mut out).unwrap();
+    let n = m
+        .finish_window(60_000, None, id(), &key(), &mut out)
+        .unwrap();
     out[..n].to_vec()
 }
 
@@ -292,13 +294,19 @@ fn documented_vectors_decode_with_the_backend() {
     assert_eq!(s.features[0].hist.underflow, 1);
     // Feature 1: -0.5 -> bin 0, 2.5 -> bin 3, NaN, 0.0 -> bin 1, 7.0 -> overflow.
     assert_eq!(s.features[1].hist.bins, [1, 1, 0, 1]);
-    assert_eq!((s.features[1].hist.overflow, s.features[1].hist.nan), (1, 1));
+    assert_eq!(
+        (s.features[1].hist.overflow, s.features[1].hist.nan),
+        (1, 1)
+    );
     assert_eq!(s.classes, [2, 2, 1]);
     assert_eq!(s.confidence, [[0, 2], [1, 1], [0, 1]]);
     // Latency: 800 and 900 -> bin 0, 4000 and 2000 -> bin 1, 12000 -> overflow.
     assert_eq!(s.latency.bins, [2, 2]);
     assert_eq!(s.latency.overflow, 1);
-    assert_eq!(s.confusion, Some(vec![vec![0; 3], vec![0; 3], vec![0, 1, 0]]));
+    assert_eq!(
+        s.confusion,
+        Some(vec![vec![0; 3], vec![0; 3], vec![0, 1, 0]])
+    );
     assert_eq!(s.health.battery_mv, Some(3300));
     assert_eq!(s.health.rssi_dbm, Some(-80));
     // Feature 0 mean of [0.5, 1.5, 3.9, -1.0, 4.0] = 1.78, normalised by range 4: 0.445.
@@ -318,7 +326,10 @@ fn documented_vectors_decode_with_the_backend() {
         })
     );
     let block: wire::Block<'_> = wire::from_cbor(&documented["block"]).unwrap();
-    assert_eq!((block.offset, block.total, block.data), (8192, 20_000, &[1u8, 2, 3, 4][..]));
+    assert_eq!(
+        (block.offset, block.total, block.data),
+        (8192, 20_000, &[1u8, 2, 3, 4][..])
+    );
 }
 
 #[test]

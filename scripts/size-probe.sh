@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Size probe: cross-compiles the monitoring side of tinyfleet-device (device-client/size-probe)
+# for a Cortex-M4F and prints, as markdown, its flash and static RAM use, the size of
+# ReferenceMonitor, the biggest symbols, and whether the budgets hold.
+#
+#   scripts/size-probe.sh            # report; exit 0 unless the build/measurement fails
+#   scripts/size-probe.sh --enforce  # also exit 1 when a budget is exceeded (for CI)
+#
+# If the target is not installed and cannot be installed, prints `size-probe: SKIPPED (...)` and
+# exits 0. Builds only the standalone probe crate, in its own target dir
+# (target/size-probe), never the main workspace. Extra RUSTFLAGS from the environment are
+# honoured (e.g. RUSTFLAGS='--cfg sha2_backend_soft="compact"' to try sha2's compact backend).
+set -euo pipefail
+
+TARGET=thumbv7em-none-eabihf
+FLASH_BUDGET=12288 # bytes: .vector_table + .text + .rodata + .data (+ any other loaded section)
+RAM_BUDGET=2048    # bytes: .data + .bss (+ any other RAM section)
+TOP=15
+
+enforce=0
+case "${1:-}" in
+"") ;;
+--enforce) enforce=1 ;;
+*)
+  echo "usage: $0 [--enforce]" >&2
+  exit 2
+  ;;
+esac
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+probe="$repo/device-client/size-probe"
+target_dir="$repo/target/size-probe"
+elf="$target_dir/$TARGET/release/size-probe"
+
+skip() {
+  echo "size-probe: SKIPPED ($1)"
+  exit 0
+}
+fail() {
+  echo "size-probe: FAILED ($1)" >&2
+  exit 1
+}
+
+# Run from the probe so that rustup resolves the same toolchain as the build below.
+cd "$probe"
+
+# --- 1. The target ------------------------------------------------------------------------
+if command -v rustup >/dev/null 2>&1; then
+  installed="$(rustup target list --installed 2>/dev/null || true)"
+  if ! grep -qx "$TARGET" <<<"$installed"; then
+    echo "size-probe: $TARGET not installed, trying: rustup target add $TARGET" >&2
+    if ! rustup target add "$TARGET" >&2; then
+      skip "rustup target add $TARGET failed"
+    fi
+  fi
+else
+  # No rustup: usable only if the toolchain already ships the target's core library.
+  sysroot="$(rustc --print sysroot 2>/dev/null)" || skip "neither rustup nor rustc found"
+  [[ -d "$sysroot/lib/rustlib/$TARGET/lib" ]] ||
+    skip "$TARGET not in $sysroot and no rustup to install it"
+fi
+
+# --- 2. Tools -----------------------------------------------------------------------------
+pick() {
+  local t
+  for t in "$@"; do
+    if command -v "$t" >/dev/null 2>&1; then
+      echo "$t"
+      return 0
+    fi
+  done
+  return 1
+}
+READELF="$(pick readelf llvm-readelf)" || fail "need readelf or llvm-readelf"
+NM="$(pick nm llvm-nm)" || fail "need nm or llvm-nm"
+
+# --- 3. Build (a failure here is a real failure: set -e, non-zero exit) -------------------
+echo "size-probe: building $probe for $TARGET (target dir $target_dir)" >&2
+cargo build --release --target "$TARGET" --target-dir "$target_dir" \
+  --manifest-path "$probe/Cargo.toml" >&2 || fail "cargo build of the probe failed"
+[[ -f "$elf" ]] || fail "no ELF at $elf"
+
+# --- 4. Section sizes ---------------------------------------------------------------------
+# `readelf -S -W` rows: [Nr] Name Type Addr Off Size ES Flg Lk Inf Al (Size in hex). Strip the
+# "[ n]" prefix, whose inner space would shift the fields. Every allocated section counts:
+# NOBITS ones (.bss) take RAM only, RAM-addressed PROGBITS ones (.data) take RAM and flash
+# (their initial values), the rest flash only.
+declare -A sec=()
+other_flash=0
+other_ram=0
+other_names=""
+while read -r name type addr _off size _es flg _rest; do
+  [[ "$flg" == *A* ]] || continue
+  bytes=$((16#$size))
+  sec[$name]=$((${sec[$name]:-0} + bytes))
+  case "$name" in
+  .vector_table | .text | .rodata | .data | .bss) ;;
+  *)
+    ((bytes > 0)) || continue
+    other_names+=" $name($bytes)"
+    if [[ "$type" == NOBITS ]]; then
+      other_ram=$((other_ram + bytes))
+    elif ((16#$addr >= 0x20000000 && 16#$addr < 0x40000000)); then
+      other_ram=$((other_ram + bytes))
+      other_flash=$((other_flash + bytes))
+    else
+      other_flash=$((other_flash + bytes))
+    fi
+    ;;
+  esac
+done < <("$READELF" -S -W "$elf" | sed -n 's/^ *\[ *[0-9]*\] *//p' | grep -v '^NULL')
+
+vt=${sec[.vector_table]:-0}
+text=${sec[.text]:-0}
+rodata=${sec[.rodata]:-0}
+data=${sec[.data]:-0}
+bss=${sec[.bss]:-0}
+flash=$((vt + text + rodata + data + other_flash))
+ram=$((data + bss + other_ram))
+
+# --- 5. Sizes of types, published by the probe as symbol sizes (section .probe_info) ------
+symsize() {
+  local s
+  s="$("$NM" -S "$elf" | awk -v n="$1" '$NF == n { print $2; exit }')"
+  [[ -n "$s" ]] || fail "symbol $1 not found in $elf"
+  echo $((16#$s))
+}
+monitor_size="$(symsize PROBE_SIZE_OF_REFERENCE_MONITOR)"
+monitor_align="$(symsize PROBE_ALIGN_OF_REFERENCE_MONITOR)"
+edges_size="$(symsize PROBE_SIZE_OF_PROFILE_EDGES)"
+
+# --- 6. Report ----------------------------------------------------------------------------
+verdict() { # measured budget
+  if (($1 < $2)); then echo "PASS"; else echo "FAIL ($(($1 - $2)) bytes over)"; fi
+}
+flash_verdict="$(verdict "$flash" "$FLASH_BUDGET")"
+ram_verdict="$(verdict "$ram" "$RAM_BUDGET")"
+
+rustc_v="$(rustc --version)"
+echo "## tinyfleet-device size probe"
+echo
+echo "Target \`$TARGET\`, $rustc_v, release profile: opt-level = \"z\", lto = true," \
+  "codegen-units = 1, panic = \"abort\"; linked by rust-lld with \`device-client/size-probe/link.x\`."
+if [[ -n "${RUSTFLAGS:-}" ]]; then
+  echo "RUSTFLAGS from the environment: \`$RUSTFLAGS\`."
+fi
+echo
+echo "| Measure | Bytes | Made of |"
+echo "|---|---:|---|"
+flash_detail=".vector_table $vt + .text $text + .rodata $rodata + .data $data"
+ram_detail=".data $data + .bss $bss"
+if [[ -n "$other_names" ]]; then
+  flash_detail+=" + other:$other_names"
+  ram_detail+=" (other: $other_ram)"
+fi
+echo "| Flash | $flash | $flash_detail |"
+echo "| Static RAM | $ram | $ram_detail |"
+echo "| \`size_of::<ReferenceMonitor>()\` | $monitor_size | align $monitor_align; a local of the probe's entry fn (stack), not static RAM |"
+echo "| Profile edges borrowed by it | $edges_size | \`[Edges<16>; 8]\` + \`Edges<8>\`; also on the stack in the probe |"
+echo
+echo "| Goal | Budget | Measured | Result |"
+echo "|---|---:|---:|---|"
+echo "| Flash < 12 KB | $FLASH_BUDGET | $flash | $flash_verdict |"
+echo "| Static RAM < 2 KB | $RAM_BUDGET | $ram | $ram_verdict |"
+echo
+
+# Symbols in allocated sections only (t/T text, r/R rodata, d/D data, b/B bss), as
+# "bytes<TAB>kind<TAB>demangled name", sizes in decimal.
+syms="$("$NM" -S -t d --size-sort -C --defined-only "$elf" |
+  awk 'NF >= 4 && $3 ~ /^[tTrRdDbB]$/ { size = $2 + 0; kind = $3; $1 = $2 = $3 = ""; sub(/^ +/, ""); print size "\t" kind "\t" $0 }')"
+
+echo "### Largest $TOP symbols"
+echo
+echo "| Bytes | Section | Symbol |"
+echo "|---:|---|---|"
+sort -t$'\t' -k1,1 -n -r <<<"$syms" | head -n "$TOP" |
+  while IFS=$'\t' read -r size kind name; do
+    case "$kind" in
+    t | T) kind=.text ;; r | R) kind=.rodata ;; d | D) kind=.data ;; b | B) kind=.bss ;;
+    esac
+    printf '| %d | %s | `%s` |\n' "$size" "$kind" "${name//|/\\|}"
+  done
+echo
+
+# Attribution by crate: the first `crate::` path in each demangled name (`<T as digest::Mac>`
+# counts to digest). Approximate: after LTO, inlined code counts to the function it was inlined
+# into (much of the monitor, serde_cbor and hmac code sits inside the probe's `Reset`).
+echo "### Flash by crate (approximate: inlined code counts to its caller)"
+echo
+echo "| Bytes | Crate |"
+echo "|---:|---|"
+awk -F'\t' -v total="$flash" '
+  $2 ~ /^[tTrRdD]$/ {
+    size = $1 + 0; name = $3
+    if (match(name, /[A-Za-z_][A-Za-z0-9_]*::/)) crate = substr(name, RSTART, RLENGTH - 2)
+    else if (name == "Reset") crate = "probe entry `Reset` + what LTO inlined into it (monitor, serialization glue)"
+    else if (name ~ /^OUTLINED_FUNCTION_/) crate = "LLVM machine outliner (`OUTLINED_FUNCTION_*`)"
+    else if (name ~ /^__/ || name ~ /^(mem(cpy|move|set|cmp)|fmaxf?|fminf?)$/) crate = "compiler_builtins"
+    else crate = "(other: `" name "`)"
+    by[crate] += size; sum += size
+  }
+  END {
+    for (c in by) printf "%d\t%s\n", by[c], c
+    printf "%d\t%s\n", total - sum, "(not in any symbol: vector table, padding, unnamed constants)"
+  }' <<<"$syms" | sort -t$'\t' -k1,1 -n -r |
+  while IFS=$'\t' read -r size crate; do
+    printf '| %d | %s |\n' "$size" "$crate"
+  done
+
+if ((enforce)) && [[ "$flash_verdict" != PASS || "$ram_verdict" != PASS ]]; then
+  echo "size-probe: budget exceeded (--enforce)" >&2
+  exit 1
+fi

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine (run as root): installs what it needs, then
+# formatting, lints, the bare-metal build of the device client, every test, and the size probe.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+need_apt=()
+command -v readelf >/dev/null || need_apt+=(binutils)
+command -v cc >/dev/null || need_apt+=(gcc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "missing ${need_apt[*]}: run as root or install them" >&2
+    exit 1
+  fi
+fi
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+if ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
+  rustup target add thumbv7em-none-eabihf || echo "thumbv7em-none-eabihf cannot be installed here"
+fi
+cargo --version
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (all targets, -D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "device client on bare metal (thumbv7em-none-eabihf), each feature set"
+if rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
+  for features in "" "log" "defmt"; do
+    echo "features: [${features}]"
+    cargo build -p tinyfleet-device --locked --target thumbv7em-none-eabihf --no-default-features \
+      ${features:+--features "$features"}
+  done
+  cargo clippy -p tinyfleet-device --locked --target thumbv7em-none-eabihf --no-default-features -- -D warnings
+else
+  echo "SKIPPED: rustup could not install thumbv7em-none-eabihf on this machine"
+fi
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --doc
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+step "benchmarks compile"
+cargo bench --workspace --locked --no-run
+
+step "size probe"
+scripts/size-probe.sh --enforce
+
+step "all checks passed"
