@@ -14,7 +14,7 @@ set -euo pipefail
 
 TARGET=thumbv7em-none-eabihf
 FLASH_BUDGET=12288 # bytes: .vector_table + .text + .rodata + .data (+ any other loaded section)
-RAM_BUDGET=2048    # bytes: .data + .bss (+ any other RAM section)
+RAM_BUDGET=2048    # bytes: monitoring state a device keeps: .data + .bss + size_of(ReferenceMonitor)
 TOP=15
 
 enforce=0
@@ -134,7 +134,10 @@ verdict() { # measured budget
   if (($1 < $2)); then echo "PASS"; else echo "FAIL ($(($1 - $2)) bytes over)"; fi
 }
 flash_verdict="$(verdict "$flash" "$FLASH_BUDGET")"
-ram_verdict="$(verdict "$ram" "$RAM_BUDGET")"
+# A device keeps one monitor for its whole life (in a static on real firmware; on the probe's
+# stack here), so the RAM goal counts it on top of the static sections.
+state_ram=$((ram + monitor_size))
+ram_verdict="$(verdict "$state_ram" "$RAM_BUDGET")"
 
 rustc_v="$(rustc --version)"
 echo "## tinyfleet-device size probe"
@@ -155,13 +158,13 @@ if [[ -n "$other_names" ]]; then
 fi
 echo "| Flash | $flash | $flash_detail |"
 echo "| Static RAM | $ram | $ram_detail |"
-echo "| \`size_of::<ReferenceMonitor>()\` | $monitor_size | align $monitor_align; a local of the probe's entry fn (stack), not static RAM |"
+echo "| \`size_of::<ReferenceMonitor>()\` | $monitor_size | align $monitor_align; the state a device keeps between windows (a static on real firmware, a local in the probe) |"
 echo "| Profile edges borrowed by it | $edges_size | \`[Edges<16>; 8]\` + \`Edges<8>\`; also on the stack in the probe |"
 echo
 echo "| Goal | Budget | Measured | Result |"
 echo "|---|---:|---:|---|"
 echo "| Flash < 12 KB | $FLASH_BUDGET | $flash | $flash_verdict |"
-echo "| Static RAM < 2 KB | $RAM_BUDGET | $ram | $ram_verdict |"
+echo "| Monitoring RAM < 2 KB (static RAM + monitor) | $RAM_BUDGET | $state_ram | $ram_verdict |"
 echo
 
 # Symbols in allocated sections only (t/T text, r/R rodata, d/D data, b/B bss), as
