@@ -20,6 +20,18 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+/// Logs through `log` and/or `defmt` when those features are on; compiles to nothing otherwise.
+/// Format strings must be valid for both (plain `{}` over primitives).
+macro_rules! device_log {
+    ($level:ident, $($arg:tt)*) => {{
+        #[cfg(feature = "log")]
+        log::$level!($($arg)*);
+        #[cfg(feature = "defmt")]
+        defmt::$level!($($arg)*);
+    }};
+}
+pub(crate) use device_log;
+
 pub mod cose;
 pub mod counts;
 #[cfg(feature = "std")]

@@ -229,7 +229,21 @@ impl<'p, const F: usize, const B: usize, const C: usize, const K: usize, const L
                 health: self.health,
             };
             wire::to_cbor(&summary, front)
-        })?;
+        });
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => {
+                crate::device_log!(warn, "summary {} not encoded; window kept", self.seq);
+                return Err(e);
+            }
+        };
+        crate::device_log!(
+            debug,
+            "summary {} finished: {} inferences in {} bytes",
+            self.seq,
+            self.inferences(),
+            n
+        );
         self.start_window(now_ms);
         Ok(n)
     }
