@@ -104,8 +104,7 @@ fn demo(n_devices: u32, inferences: usize, windows: u32) -> Result<(), String> {
         let device = DeviceId::new(id).map_err(|e| e.to_string())?;
         let key = &keys[id];
         let topic = Topic::new(device, Kind::Summary);
-        let mut monitor = ReferenceMonitor::new(profile.config(1), 1, wire::reset::POWER_ON, 0)
-            .map_err(|e| format!("profile: {e:?}"))?;
+        let mut monitor = ReferenceMonitor::new(profile.config(1), 1, wire::reset::POWER_ON, 0);
         let mut rng = Rng::new(i as u64);
         for window in 0..windows {
             let shift = if cohort == drifting && window >= 1 {

@@ -27,7 +27,7 @@ fn bench(c: &mut Criterion) {
     let inputs = samples(1024);
 
     c.bench_function("record", |b| {
-        let mut m = ReferenceMonitor::new(profile.config(1), 1, 0, 0).expect("config");
+        let mut m = ReferenceMonitor::new(profile.config(1), 1, 0, 0);
         let mut i = 0;
         b.iter(|| {
             let s = &inputs[i & 1023];
@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let mut filled = ReferenceMonitor::new(profile.config(1), 1, 0, 0).expect("config");
+    let mut filled = ReferenceMonitor::new(profile.config(1), 1, 0, 0);
     for s in &inputs[..100] {
         filled.record(&s.inference()).expect("valid inference");
     }

@@ -16,7 +16,7 @@ use serde::ser::{Serialize, SerializeSeq, Serializer};
 
 use crate::cose::DeviceKey;
 use crate::counts::{BitWriter, CountsError};
-use crate::sketch::{ConfigError, CountMatrix, Edges, FeatureSketch, Histogram, confidence_bin};
+use crate::sketch::{CountMatrix, Edges, FeatureSketch, Histogram, confidence_bin};
 use crate::wire::{self, DeviceId, Health, Kind, Shape, Summary, WireError};
 
 /// The monitoring part of a model's profile, as the device needs it.
@@ -88,20 +88,21 @@ impl<'p, const F: usize, const B: usize, const C: usize, const K: usize, const L
     /// persists and increments at every boot), after a reset for `reset_reason`
     /// ([`wire::reset`]).
     ///
-    /// Dimensions beyond the protocol's [`wire::limits`] fail to compile.
+    /// Cannot fail at run time: the edges were validated when built ([`Edges::new`]), and
+    /// dimensions beyond the protocol's [`wire::limits`] fail to compile.
     pub fn new(
         config: MonitorConfig<'p, F, B, L>,
         boot: u32,
         reset_reason: u8,
         now_ms: u64,
-    ) -> Result<Self, ConfigError> {
+    ) -> Self {
         const {
             use wire::limits::*;
             assert!(F <= MAX_FEATURES && B <= MAX_BINS && B > 0);
             assert!(C <= MAX_CLASSES && C > 0 && K <= MAX_CONF_BINS && K > 0);
             assert!(L <= MAX_LATENCY_BINS && L > 0);
         };
-        Ok(Self {
+        Self {
             config,
             boot,
             seq: 0,
@@ -115,7 +116,7 @@ impl<'p, const F: usize, const B: usize, const C: usize, const K: usize, const L
                 reset: reset_reason,
                 ..Health::default()
             },
-        })
+        }
     }
 
     /// Records one inference. O(F log B); refuses (recording nothing) a class out of range or
@@ -293,12 +294,11 @@ struct MomentsOut<'s, const B: usize> {
 /// Square root to well beyond half precision, without libm's 0.5 KB of tables: an exponent-halving
 /// first guess and three Newton steps (relative error below 1e-6 for every positive f32).
 fn sqrt(x: f32) -> f32 {
-    if x <= 0.0 || !x.is_finite() {
-        return if x == 0.0 || x.is_infinite() {
-            x
-        } else {
-            f32::NAN
-        };
+    if x.is_nan() || x < 0.0 {
+        return f32::NAN;
+    }
+    if x == 0.0 || x == f32::INFINITY {
+        return x;
     }
     let mut y = f32::from_bits((x.to_bits() >> 1) + 0x1fc0_0000);
     for _ in 0..3 {

@@ -14,7 +14,7 @@ fn device() -> DeviceId<'static> {
 
 /// Records `n` inferences (every tenth with a label when `labels`), returns the summary bytes.
 fn window(profile: &ReferenceProfile, seed: u64, n: usize, labels: bool) -> Vec<u8> {
-    let mut m = ReferenceMonitor::new(profile.config(3), 7, wire::reset::POWER_ON, 0).unwrap();
+    let mut m = ReferenceMonitor::new(profile.config(3), 7, wire::reset::POWER_ON, 0);
     let mut rng = Rng::new(seed);
     for i in 0..n {
         let s = sample(&mut rng, &StreamParams::default());
@@ -58,7 +58,7 @@ fn reference_summary_fits_256_bytes() {
 #[test]
 fn decoded_summary_matches_what_was_recorded() {
     let profile = ReferenceProfile::default();
-    let mut m = ReferenceMonitor::new(profile.config(3), 7, wire::reset::WATCHDOG, 1_000).unwrap();
+    let mut m = ReferenceMonitor::new(profile.config(3), 7, wire::reset::WATCHDOG, 1_000);
     let mut rng = Rng::new(1);
     let mut classes = [0u32; 10];
     let mut confusion = [[0u32; 10]; 10];
@@ -100,7 +100,7 @@ fn decoded_summary_matches_what_was_recorded() {
 #[test]
 fn windows_advance_and_reset() {
     let profile = ReferenceProfile::default();
-    let mut m = ReferenceMonitor::new(profile.config(1), 2, 0, 0).unwrap();
+    let mut m = ReferenceMonitor::new(profile.config(1), 2, 0, 0);
     let x = [0.0f32; 8];
     let inf = Inference {
         features: &x,
@@ -123,7 +123,7 @@ fn windows_advance_and_reset() {
 #[test]
 fn bad_observations_are_refused_and_change_nothing() {
     let profile = ReferenceProfile::default();
-    let mut m = ReferenceMonitor::new(profile.config(1), 2, 0, 0).unwrap();
+    let mut m = ReferenceMonitor::new(profile.config(1), 2, 0, 0);
     let x = [0.0f32; 8];
     let mut inf = Inference {
         features: &x,
@@ -143,7 +143,7 @@ fn bad_observations_are_refused_and_change_nothing() {
 #[test]
 fn small_buffer_is_an_error_and_keeps_the_window() {
     let profile = ReferenceProfile::default();
-    let mut m = ReferenceMonitor::new(profile.config(1), 2, 0, 0).unwrap();
+    let mut m = ReferenceMonitor::new(profile.config(1), 2, 0, 0);
     let mut rng = Rng::new(9);
     for _ in 0..100 {
         m.record(&sample(&mut rng, &StreamParams::default()).inference())
@@ -194,7 +194,7 @@ proptest! {
     fn encode_decode_roundtrips(seed in 0u64..10_000, n in 0usize..400, shift in -2.0f32..2.0,
                                 labels in any::<bool>(), battery in proptest::option::of(any::<u16>())) {
         let profile = ReferenceProfile::default();
-        let mut m = ReferenceMonitor::new(profile.config(5), 11, 0, 0).unwrap();
+        let mut m = ReferenceMonitor::new(profile.config(5), 11, 0, 0);
         let mut rng = Rng::new(seed);
         let params = StreamParams { feature_shift: shift, accuracy: 0.8 };
         let mut samples = Vec::new();

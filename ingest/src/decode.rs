@@ -190,7 +190,7 @@ mod tests {
 
     fn summary_of(device: &str, key: &DeviceKey) -> Vec<u8> {
         let profile = ReferenceProfile::default();
-        let mut m = ReferenceMonitor::new(profile.config(1), 1, 0, 0).unwrap();
+        let mut m = ReferenceMonitor::new(profile.config(1), 1, 0, 0);
         let mut rng = Rng::new(5);
         for _ in 0..20 {
             m.record(&sample(&mut rng, &StreamParams::default()).inference())

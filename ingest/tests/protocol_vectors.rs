@@ -53,7 +53,7 @@ fn summary_vector() -> Vec<u8> {
         features: &features,
         latency_us: &latency,
     };
-    let mut m = Monitor::<2, 4, 3, 2, 2>::new(config, 1, reset::POWER_ON, 0).unwrap();
+    let mut m = Monitor::<2, 4, 3, 2, 2>::new(config, 1, reset::POWER_ON, 0);
     let inferences: [([f32; 2], usize, f32, u32); 5] = [
         ([0.5, -0.5], 0, 0.95, 800),
         ([1.5, 2.5], 1, 0.60, 4000),
