@@ -12,4 +12,8 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod aggregate;
 pub mod decode;
+pub mod dedup;
+pub mod metrics;
+pub mod pipeline;

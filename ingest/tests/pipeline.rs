@@ -1,0 +1,285 @@
+//! The synchronous pipeline over a real SQLite store: dedup across restarts, presence in any
+//! order, gaps, aggregation, and refusals with reasons.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
+use tinyfleet_device::wire::{self, DeviceId, Kind, Topic};
+use tinyfleet_device::{DeviceKey, ReferenceMonitor};
+use tinyfleet_ingest::aggregate::WindowAgg;
+use tinyfleet_ingest::metrics::{Drop, Metrics};
+use tinyfleet_ingest::pipeline::{Outcome, Pipeline, PipelineConfig};
+use tinyfleet_store::Store;
+
+struct Device {
+    id: String,
+    key: DeviceKey,
+    monitor_seed: u64,
+}
+
+fn key_of(hex_key: &str) -> DeviceKey {
+    DeviceKey(hex::decode(hex_key).unwrap().try_into().unwrap())
+}
+
+fn provision(store: &Store, id: &str, tags: &[(&str, &str)]) -> Device {
+    let tags = tags
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect::<BTreeMap<_, _>>();
+    let creds = store.registry().provision(id, tags).unwrap();
+    Device {
+        id: id.to_owned(),
+        key: key_of(&creds.mac_key),
+        monitor_seed: id.len() as u64,
+    }
+}
+
+fn hello(d: &Device, boot: u32, seq: u32) -> (String, Vec<u8>) {
+    let id = DeviceId::new(&d.id).unwrap();
+    let msg = wire::Hello {
+        boot,
+        seq,
+        fw: "1.0.0",
+        model_id: "kws",
+        model_version: "3",
+        model_seq: 3,
+        hw: "nrf52840",
+        caps: 0,
+        reset: wire::reset::POWER_ON,
+        unix_s: None,
+    };
+    let mut out = [0u8; 256];
+    let n = wire::seal(id, &d.key, Kind::Hello, &msg, &mut out).unwrap();
+    (
+        Topic::new(id, Kind::Hello).as_str().to_owned(),
+        out[..n].to_vec(),
+    )
+}
+
+fn will(d: &Device, boot: u32, seq: u32) -> (String, Vec<u8>) {
+    let id = DeviceId::new(&d.id).unwrap();
+    let mut out = [0u8; 64];
+    let n = wire::seal(id, &d.key, Kind::Will, &wire::Will { boot, seq }, &mut out).unwrap();
+    (
+        Topic::new(id, Kind::Will).as_str().to_owned(),
+        out[..n].to_vec(),
+    )
+}
+
+/// `count` summaries of boot `boot`, 50 inferences each.
+fn summaries(d: &Device, boot: u32, count: usize) -> Vec<(String, Vec<u8>)> {
+    let profile = ReferenceProfile::default();
+    let id = DeviceId::new(&d.id).unwrap();
+    let mut m = ReferenceMonitor::new(profile.config(3), boot, wire::reset::WATCHDOG, 0);
+    let mut rng = Rng::new(d.monitor_seed + u64::from(boot));
+    let topic = Topic::new(id, Kind::Summary).as_str().to_owned();
+    (0..count)
+        .map(|w| {
+            for _ in 0..50 {
+                m.record(&sample(&mut rng, &StreamParams::default()).inference())
+                    .unwrap();
+            }
+            m.set_battery_mv(3300);
+            let mut out = [0u8; 512];
+            let n = m
+                .finish_window(60_000 * (w as u64 + 1), None, id, &d.key, &mut out)
+                .unwrap();
+            (topic.clone(), out[..n].to_vec())
+        })
+        .collect()
+}
+
+fn pipeline(store: &Store) -> Pipeline {
+    Pipeline::new(
+        PipelineConfig::default(),
+        store.clone(),
+        Arc::new(Metrics::default()),
+    )
+}
+
+fn commit(p: &mut Pipeline) {
+    let (batch, _) = p.take_batch();
+    p.store().commit(&batch).unwrap();
+}
+
+const T0: i64 = 1_764_000_000_000;
+
+#[test]
+fn summaries_are_counted_once_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let d = provision(&store, "dev-a", &[("site", "north")]);
+    let mut p = pipeline(&store);
+    let (t, m) = hello(&d, 1, 0);
+    assert_eq!(p.handle(&t, &m, T0), Outcome::Accepted(Kind::Hello));
+    let sums = summaries(&d, 1, 6);
+    for (t, m) in &sums[..4] {
+        assert_eq!(p.handle(t, m, T0 + 1), Outcome::Accepted(Kind::Summary));
+    }
+    // A QoS 1 redelivery and a replay by an attacker are both dropped.
+    assert_eq!(
+        p.handle(&sums[1].0, &sums[1].1, T0 + 2),
+        Outcome::Dropped(Drop::Duplicate)
+    );
+    commit(&mut p);
+    drop(p);
+
+    // Restart: the broker redelivers everything unacknowledged, including committed ones.
+    let store = Store::open(dir.path()).unwrap();
+    let mut p = pipeline(&store);
+    for (t, m) in &sums[2..4] {
+        assert_eq!(p.handle(t, m, T0 + 3), Outcome::Dropped(Drop::Duplicate));
+    }
+    for (t, m) in &sums[4..] {
+        assert_eq!(p.handle(t, m, T0 + 3), Outcome::Accepted(Kind::Summary));
+    }
+    commit(&mut p);
+    let state = store.device_state("dev-a").unwrap().unwrap();
+    assert_eq!(state.summaries, 6);
+    assert_eq!(state.lost_summaries, 0);
+    assert_eq!(state.model_id.as_deref(), Some("kws"));
+    assert!(state.presence.online);
+    assert_eq!(p.metrics().rejected("duplicate"), 3);
+    assert_eq!(p.metrics().accepted("summary"), 6);
+    // The counters persisted with the data.
+    assert_eq!(store.counters().unwrap()["accepted.summary"], 6);
+
+    // Aggregates: all six windows of 50 inferences in one 5-minute window, for the model cohort
+    // and the tag cohort.
+    let start = T0.div_euclid(300_000) * 300_000;
+    for cohort in ["kws@3/nrf52840", "tag:site=north"] {
+        let w = store.cohort_window(cohort, start).unwrap().unwrap();
+        let agg: WindowAgg = serde_json::from_value(w.agg).unwrap();
+        assert_eq!(agg.summaries, 6, "{cohort}");
+        assert_eq!(agg.inferences, 300, "{cohort}");
+    }
+    assert_eq!(
+        store
+            .cohort_window_devices("kws@3/nrf52840", start)
+            .unwrap(),
+        1
+    );
+}
+
+#[test]
+fn gaps_are_lost_summaries_until_filled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let d = provision(&store, "dev-g", &[]);
+    let mut p = pipeline(&store);
+    let sums = summaries(&d, 1, 5);
+    for i in [0, 1, 4] {
+        p.handle(&sums[i].0, &sums[i].1, T0);
+    }
+    commit(&mut p);
+    assert_eq!(
+        store.device_state("dev-g").unwrap().unwrap().lost_summaries,
+        2
+    );
+    p.handle(&sums[2].0, &sums[2].1, T0);
+    commit(&mut p);
+    assert_eq!(
+        store.device_state("dev-g").unwrap().unwrap().lost_summaries,
+        1
+    );
+    // A new boot starts over; summaries of the old boot are now stale.
+    let next = summaries(&d, 2, 1);
+    assert_eq!(
+        p.handle(&next[0].0, &next[0].1, T0),
+        Outcome::Accepted(Kind::Summary)
+    );
+    assert_eq!(
+        p.handle(&sums[3].0, &sums[3].1, T0),
+        Outcome::Dropped(Drop::StaleBoot)
+    );
+}
+
+#[test]
+fn forged_misrouted_and_unknown_are_rejected_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = provision(&store, "dev-a", &[]);
+    let _b = provision(&store, "dev-b", &[]);
+    let mut p = pipeline(&store);
+    let sums = summaries(&a, 1, 2);
+    // Device A publishes its valid summary on device B's topic.
+    let outcome = p.handle("tf/v1/dev-b/sum", &sums[0].1, T0);
+    assert_eq!(
+        outcome,
+        Outcome::Rejected(tinyfleet_ingest::decode::Reject::Forged)
+    );
+    let outcome = p.handle("tf/v1/nobody/sum", &sums[0].1, T0);
+    assert_eq!(
+        outcome,
+        Outcome::Rejected(tinyfleet_ingest::decode::Reject::UnknownDevice)
+    );
+    // Valid messages around the bad ones are kept.
+    assert_eq!(
+        p.handle(&sums[0].0, &sums[0].1, T0),
+        Outcome::Accepted(Kind::Summary)
+    );
+    let mut bad = sums[1].1.clone();
+    bad[20] ^= 0x40;
+    assert!(matches!(
+        p.handle(&sums[1].0, &bad, T0),
+        Outcome::Rejected(_)
+    ));
+    assert_eq!(
+        p.handle(&sums[1].0, &sums[1].1, T0),
+        Outcome::Accepted(Kind::Summary)
+    );
+    // Revoked devices are refused from then on.
+    store.registry().revoke("dev-a").unwrap();
+    let later = summaries(&a, 2, 1);
+    assert_eq!(
+        p.handle(&later[0].0, &later[0].1, T0),
+        Outcome::Rejected(tinyfleet_ingest::decode::Reject::UnknownDevice)
+    );
+    // The misrouted summary and the corrupted one.
+    assert_eq!(p.metrics().rejected("forged"), 2);
+    assert_eq!(p.metrics().rejected("unknown_device"), 2);
+}
+
+#[test]
+fn presence_follows_boot_and_seq_not_arrival() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let d = provision(&store, "dev-p", &[]);
+    let online = |p: &mut Pipeline| {
+        commit(p);
+        store
+            .device_state("dev-p")
+            .unwrap()
+            .unwrap()
+            .presence
+            .online
+    };
+    let mut p = pipeline(&store);
+    // Retained will of connection (1, 0) arrives before its hello: offline, and the hello does
+    // not bring it back.
+    let (t, m) = will(&d, 1, 0);
+    p.handle(&t, &m, T0);
+    let (t, m) = hello(&d, 1, 0);
+    p.handle(&t, &m, T0);
+    assert!(!online(&mut p));
+    // The next connection's hello: online. An old will replayed: nothing changes.
+    let (t, m) = hello(&d, 1, 1);
+    p.handle(&t, &m, T0);
+    assert!(online(&mut p));
+    let (t, m) = will(&d, 1, 0);
+    assert_eq!(p.handle(&t, &m, T0), Outcome::Dropped(Drop::Duplicate));
+    assert!(online(&mut p));
+    // Silence: the inactivity timer marks it offline; a summary brings it back.
+    assert_eq!(p.sweep_inactive(T0 + 16 * 60_000), 1);
+    assert!(!online(&mut p));
+    let s = summaries(&d, 1, 1);
+    p.handle(&s[0].0, &s[0].1, T0 + 17 * 60_000);
+    assert!(online(&mut p));
+    // The will of connection (1, 1): offline for good until the next hello.
+    let (t, m) = will(&d, 1, 1);
+    p.handle(&t, &m, T0 + 18 * 60_000);
+    assert!(!online(&mut p));
+    let state = store.device_state("dev-p").unwrap().unwrap();
+    assert_eq!(state.presence.offline_reason.as_deref(), Some("will"));
+}

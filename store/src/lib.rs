@@ -1,0 +1,63 @@
+//! The state database: one SQLite file under the data directory (the embedded default).
+//!
+//! It holds the device registry (credentials hashed, message keys derived, never stored), each
+//! device's presence and latest health, the replay windows that make deduplication survive
+//! restarts, windowed aggregates per device and per cohort, and the ingest counters.
+//!
+//! Invariants:
+//! - Nothing else touches these tables; other crates go through [`Store`] and [`Registry`].
+//! - One ingest batch is one transaction ([`Store::commit`]): replay windows, device state,
+//!   aggregates and counters move together, so a crash never counts a summary twice or half.
+//! - No secret is stored in plain text, logged, or printed by `Debug`.
+//!
+//! The store is synchronous (rusqlite); async callers use `spawn_blocking`.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod registry;
+mod schema;
+mod state;
+
+pub use registry::{Credentials, DeviceRecord, Registry};
+pub use state::{
+    Batch, CohortWindow, DeviceListItem, DevicePage, DeviceQuery, DeviceState, DeviceWindow,
+    Presence, ReplayWindow, Store, cohort_key,
+};
+
+/// Why a store operation failed. Messages name what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot use data directory {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("device {0} already exists; revoke it or pick another id")]
+    DeviceExists(String),
+    #[error("no device {0}")]
+    NoDevice(String),
+    #[error("invalid device id {0:?}: use 1-64 of A-Z a-z 0-9 . _ -")]
+    BadDeviceId(String),
+    #[error(
+        "database {path} has schema version {found}, this build knows up to {known}; upgrade tinyfleet"
+    )]
+    SchemaTooNew {
+        path: std::path::PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("corrupt stored value in {table}: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,89 @@
+//! Schema and migrations. Each migration runs once, in order, inside a transaction; the version
+//! lives in `PRAGMA user_version`.
+
+use rusqlite::Connection;
+
+use crate::{Result, StoreError};
+
+const MIGRATIONS: &[&str] = &[
+    // 1: registry, presence, replay windows, aggregates, counters.
+    r#"
+    CREATE TABLE devices (
+        id            TEXT PRIMARY KEY,
+        salt          BLOB NOT NULL,
+        password_hash BLOB NOT NULL,
+        key_epoch     INTEGER NOT NULL DEFAULT 0,
+        tags          TEXT NOT NULL DEFAULT '{}',
+        created_ms    INTEGER NOT NULL,
+        revoked_ms    INTEGER
+    );
+    CREATE TABLE device_state (
+        id              TEXT PRIMARY KEY REFERENCES devices(id),
+        online          INTEGER NOT NULL DEFAULT 0,
+        offline_reason  TEXT,
+        hello_boot      INTEGER,
+        hello_seq       INTEGER,
+        fw              TEXT,
+        model_id        TEXT,
+        model_version   TEXT,
+        model_seq       INTEGER,
+        hw              TEXT,
+        caps            INTEGER,
+        last_seen_ms    INTEGER,
+        health          TEXT,
+        health_boot     INTEGER,
+        health_seq      INTEGER,
+        health_uptime_ms INTEGER,
+        summaries       INTEGER NOT NULL DEFAULT 0,
+        lost_summaries  INTEGER NOT NULL DEFAULT 0,
+        updated_ms      INTEGER NOT NULL
+    );
+    CREATE INDEX device_state_cohort ON device_state(model_id, model_version, hw);
+    CREATE TABLE replay (
+        id      TEXT NOT NULL,
+        kind    INTEGER NOT NULL,
+        boot    INTEGER NOT NULL,
+        max_seq INTEGER NOT NULL,
+        bitmap  INTEGER NOT NULL,
+        PRIMARY KEY (id, kind)
+    );
+    CREATE TABLE device_windows (
+        id        TEXT NOT NULL,
+        start_ms  INTEGER NOT NULL,
+        cohort    TEXT NOT NULL,
+        agg       TEXT NOT NULL,
+        PRIMARY KEY (id, start_ms)
+    );
+    CREATE INDEX device_windows_cohort ON device_windows(cohort, start_ms);
+    CREATE TABLE cohort_windows (
+        cohort    TEXT NOT NULL,
+        start_ms  INTEGER NOT NULL,
+        agg       TEXT NOT NULL,
+        PRIMARY KEY (cohort, start_ms)
+    );
+    CREATE TABLE counters (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    "#,
+];
+
+/// Brings the database to the newest schema.
+pub fn migrate(conn: &mut Connection, path: &std::path::Path) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::SchemaTooNew {
+            path: path.to_owned(),
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
