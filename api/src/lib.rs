@@ -1,0 +1,577 @@
+//! The fleet API: token-protected JSON over HTTP (axum), an OpenAPI document, and Prometheus
+//! metrics for the service itself.
+//!
+//! - `/api/v1/...` needs `Authorization: Bearer <token>`; tokens have a role, `read` or
+//!   `operator` (provisioning and revocation need `operator`). Tokens are compared as SHA-256
+//!   digests in constant time and never logged.
+//! - `/metrics`, `/openapi.json` and `/healthz` are open: they carry no fleet data.
+//! - Store access is synchronous and runs in `spawn_blocking`; handlers never block the runtime.
+//! - Errors are JSON `{"error": "..."}` with the right status: 400 for bad input, 401/403 for
+//!   auth, 404, 409 for conflicts; internal causes are logged, not returned.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tinyfleet_ingest::aggregate::WindowAgg;
+use tinyfleet_ingest::metrics::Metrics;
+use tinyfleet_store::{DeviceQuery, Store, StoreError};
+
+mod openapi;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Read,
+    Operator,
+}
+
+/// An API token as configured: its SHA-256 (hex) and role. Plain tokens never stay in memory
+/// longer than it takes to hash them.
+#[derive(Clone, Deserialize, Serialize)]
+pub struct ApiToken {
+    pub name: String,
+    pub sha256: String,
+    pub role: Role,
+}
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiToken")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiToken {
+    /// A token entry from its plain value.
+    pub fn from_plain(name: &str, token: &str, role: Role) -> Self {
+        Self {
+            name: name.to_owned(),
+            sha256: hex::encode(Sha256::digest(token.as_bytes())),
+            role,
+        }
+    }
+}
+
+/// Extra Prometheus text for `/metrics`, produced on each scrape.
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub tokens: Arc<Vec<ApiToken>>,
+    /// Extra Prometheus text appended to `/metrics` (e.g. the broker's or a sink's).
+    pub extra_metrics: ExtraMetrics,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("store", &self.store)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The API's error type.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    Unauthorized,
+    Forbidden,
+    NotFound(String),
+    Conflict(String),
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, msg) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown bearer token".to_owned(),
+            ),
+            ApiError::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "this token's role may not do that (operator needed)".to_owned(),
+            ),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "api internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error; see the server log".to_owned(),
+                )
+            }
+        };
+        let mut resp = (status, Json(serde_json::json!({ "error": msg }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::DeviceExists(_) => ApiError::Conflict(e.to_string()),
+            StoreError::NoDevice(_) => ApiError::NotFound(e.to_string()),
+            StoreError::BadDeviceId(_) => ApiError::BadRequest(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// The caller, authenticated by its bearer token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthorized)?;
+        let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        for t in state.tokens.iter() {
+            let Ok(want) = hex::decode(&t.sha256) else {
+                continue;
+            };
+            if want.len() == 32
+                && want
+                    .iter()
+                    .zip(digest.iter())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+            {
+                return Ok(Caller {
+                    name: t.name.clone(),
+                    role: t.role,
+                });
+            }
+        }
+        Err(ApiError::Unauthorized)
+    }
+}
+
+impl Caller {
+    fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden)
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
+}
+
+/// The whole HTTP surface.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route("/api/v1/devices", get(list_devices).post(provision))
+        .route("/api/v1/devices/{id}", get(device))
+        .route("/api/v1/devices/{id}/revoke", post(revoke))
+        .route("/api/v1/devices/{id}/windows", get(device_windows))
+        .route("/api/v1/cohorts", get(cohorts))
+        .route("/api/v1/cohorts/windows", get(cohort_windows))
+        .route("/api/v1/ingest", get(ingest_counters))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    let mut body = s.metrics.render();
+    body.push_str(&(s.extra_metrics)());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+#[derive(Debug, Deserialize)]
+struct ListParams {
+    cohort: Option<String>,
+    /// `key=value`
+    tag: Option<String>,
+    state: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_devices(
+    _caller: Caller,
+    State(s): State<ApiState>,
+    Query(p): Query<ListParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let tag = match p.tag {
+        None => None,
+        Some(t) => Some(
+            t.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| ApiError::BadRequest(format!("tag {t:?} must be key=value")))?,
+        ),
+    };
+    if let Some(st) = &p.state {
+        if !["online", "offline", "unseen", "revoked"].contains(&st.as_str()) {
+            return Err(ApiError::BadRequest(format!(
+                "state {st:?} must be online, offline, unseen or revoked"
+            )));
+        }
+    }
+    let q = DeviceQuery {
+        cohort: p.cohort,
+        tag,
+        state: p.state,
+        after: p.after,
+        limit: p.limit.unwrap_or(100).clamp(1, 1000),
+    };
+    let page = blocking(move || Ok(s.store.list_devices(&q)?)).await?;
+    Ok(Json(page))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionBody {
+    id: String,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+}
+
+async fn provision(
+    caller: Caller,
+    State(s): State<ApiState>,
+    body: Result<Json<ProvisionBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Operator)?;
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let who = caller.name.clone();
+    let creds = blocking(move || Ok(s.store.registry().provision(&body.id, body.tags)?)).await?;
+    tracing::info!(device = %creds.device_id, by = %who, "device provisioned");
+    Ok((StatusCode::CREATED, Json(creds)))
+}
+
+async fn revoke(
+    caller: Caller,
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Operator)?;
+    let who = caller.name.clone();
+    let id2 = id.clone();
+    blocking(move || Ok(s.store.registry().revoke(&id2)?)).await?;
+    tracing::info!(device = %id, by = %who, "device revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn device(
+    _caller: Caller,
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let out = blocking(move || {
+        let record = s
+            .store
+            .registry()
+            .get(&id)
+            .ok_or_else(|| ApiError::NotFound(format!("no device {id}")))?;
+        let state = s.store.device_state(&id)?;
+        Ok(serde_json::json!({ "device": record, "state": state }))
+    })
+    .await?;
+    Ok(Json(out))
+}
+
+#[derive(Debug, Deserialize)]
+struct WindowParams {
+    since: Option<i64>,
+    limit: Option<usize>,
+    cohort: Option<String>,
+}
+
+/// A stored window with derived figures next to the raw aggregate.
+fn describe(agg: serde_json::Value) -> serde_json::Value {
+    let parsed: Option<WindowAgg> = serde_json::from_value(agg.clone()).ok();
+    let derived = parsed.map(|a| {
+        serde_json::json!({
+            "accuracy": a.accuracy(),
+            "feature_means": a.features.iter().map(|f| f.mean()).collect::<Vec<_>>(),
+            "feature_sds": a.features.iter().map(|f| f.sd()).collect::<Vec<_>>(),
+            "battery_avg_mv": (a.health.battery_n > 0)
+                .then(|| a.health.battery_sum_mv as f64 / a.health.battery_n as f64),
+            "rssi_avg_dbm": (a.health.rssi_n > 0)
+                .then(|| a.health.rssi_sum_dbm as f64 / a.health.rssi_n as f64),
+        })
+    });
+    serde_json::json!({ "derived": derived, "agg": agg })
+}
+
+async fn device_windows(
+    _caller: Caller,
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Query(p): Query<WindowParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let out = blocking(move || {
+        if s.store.registry().get(&id).is_none() {
+            return Err(ApiError::NotFound(format!("no device {id}")));
+        }
+        let windows = s.store.device_windows(
+            &id,
+            p.since.unwrap_or(i64::MIN),
+            p.limit.unwrap_or(100).clamp(1, 1000),
+        )?;
+        Ok(windows
+            .into_iter()
+            .map(|w| {
+                serde_json::json!({
+                    "start_ms": w.start_ms, "cohort": w.cohort, "window": describe(w.agg)
+                })
+            })
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(Json(out))
+}
+
+async fn cohorts(
+    _caller: Caller,
+    State(s): State<ApiState>,
+) -> Result<impl IntoResponse, ApiError> {
+    let out = blocking(move || {
+        let mut out = Vec::new();
+        for (cohort, windows, latest) in s.store.cohorts()? {
+            let latest_window = s.store.cohort_window(&cohort, latest)?;
+            let devices = s.store.cohort_window_devices(&cohort, latest)?;
+            out.push(serde_json::json!({
+                "cohort": cohort,
+                "windows": windows,
+                "latest_start_ms": latest,
+                "latest_devices": devices,
+                "latest": latest_window.map(|w| describe(w.agg)),
+            }));
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(out))
+}
+
+async fn cohort_windows(
+    _caller: Caller,
+    State(s): State<ApiState>,
+    Query(p): Query<WindowParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let cohort = p
+        .cohort
+        .ok_or_else(|| ApiError::BadRequest("query parameter cohort is required".into()))?;
+    let out = blocking(move || {
+        let windows = s.store.cohort_windows(
+            &cohort,
+            p.since.unwrap_or(i64::MIN),
+            p.limit.unwrap_or(100).clamp(1, 1000),
+        )?;
+        windows
+            .into_iter()
+            .map(|w| {
+                let devices = s.store.cohort_window_devices(&w.cohort, w.start_ms)?;
+                Ok(serde_json::json!({
+                    "start_ms": w.start_ms, "devices": devices, "window": describe(w.agg)
+                }))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()
+    })
+    .await?;
+    Ok(Json(out))
+}
+
+async fn ingest_counters(_caller: Caller, State(s): State<ApiState>) -> impl IntoResponse {
+    let counters: BTreeMap<String, i64> = s.metrics.snapshot().into_iter().collect();
+    Json(counters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn app(dir: &std::path::Path) -> Router {
+        let store = Store::open(dir).unwrap();
+        router(ApiState {
+            store,
+            metrics: Arc::new(Metrics::default()),
+            tokens: Arc::new(vec![
+                ApiToken::from_plain("ops", "op-token", Role::Operator),
+                ApiToken::from_plain("viewer", "read-token", Role::Read),
+            ]),
+            extra_metrics: Arc::new(String::new),
+        })
+    }
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json");
+        }
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+
+    #[tokio::test]
+    async fn auth_roles_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        assert_eq!(
+            call(&app, "GET", "/api/v1/devices", None, "").await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(&app, "GET", "/api/v1/devices", Some("nope"), "")
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+        let body = r#"{"id":"dev-1","tags":{"site":"a"}}"#;
+        assert_eq!(
+            call(&app, "POST", "/api/v1/devices", Some("read-token"), body)
+                .await
+                .0,
+            StatusCode::FORBIDDEN
+        );
+        let (st, creds) = call(&app, "POST", "/api/v1/devices", Some("op-token"), body).await;
+        assert_eq!(st, StatusCode::CREATED);
+        assert_eq!(creds["mqtt_password"].as_str().unwrap().len(), 64);
+        assert_eq!(
+            call(&app, "POST", "/api/v1/devices", Some("op-token"), body)
+                .await
+                .0,
+            StatusCode::CONFLICT
+        );
+        let (st, err) = call(
+            &app,
+            "POST",
+            "/api/v1/devices",
+            Some("op-token"),
+            "{not json",
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+        assert!(err["error"].is_string());
+        assert_eq!(
+            call(
+                &app,
+                "POST",
+                "/api/v1/devices",
+                Some("op-token"),
+                r#"{"id":"a/b"}"#
+            )
+            .await
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+        let (st, page) = call(
+            &app,
+            "GET",
+            "/api/v1/devices?tag=site=a",
+            Some("read-token"),
+            "",
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(page["devices"][0]["id"], "dev-1");
+        assert_eq!(
+            call(
+                &app,
+                "GET",
+                "/api/v1/devices?state=weird",
+                Some("read-token"),
+                ""
+            )
+            .await
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            call(&app, "GET", "/api/v1/devices/nope", Some("read-token"), "")
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            call(
+                &app,
+                "POST",
+                "/api/v1/devices/dev-1/revoke",
+                Some("op-token"),
+                ""
+            )
+            .await
+            .0,
+            StatusCode::NO_CONTENT
+        );
+        let (_, page) = call(
+            &app,
+            "GET",
+            "/api/v1/devices?state=revoked",
+            Some("read-token"),
+            "",
+        )
+        .await;
+        assert_eq!(page["devices"][0]["id"], "dev-1");
+        assert_eq!(
+            call(&app, "GET", "/openapi.json", None, "").await.0,
+            StatusCode::OK
+        );
+    }
+}

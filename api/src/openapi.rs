@@ -1,0 +1,143 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`. A test checks that every route of the
+//! router is described here and nothing else.
+
+use serde_json::{Value, json};
+
+fn op(summary: &str, params: Value, ok: &str, extra: Value) -> Value {
+    let mut responses = json!({
+        ok: { "description": "success" },
+        "401": { "$ref": "#/components/responses/Unauthorized" },
+    });
+    if let (Some(r), Some(e)) = (responses.as_object_mut(), extra.as_object()) {
+        r.extend(e.clone());
+    }
+    json!({
+        "summary": summary,
+        "security": [{ "bearer": [] }],
+        "parameters": params,
+        "responses": responses,
+    })
+}
+
+fn q(name: &str, desc: &str, ty: &str) -> Value {
+    json!({ "name": name, "in": "query", "required": false, "description": desc,
+            "schema": { "type": ty } })
+}
+
+fn id_param() -> Value {
+    json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } })
+}
+
+/// The document.
+pub fn document() -> Value {
+    let not_found = json!({ "404": { "$ref": "#/components/responses/Error" } });
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tinyfleet fleet API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Devices, their health and presence, cohort aggregates and ingest \
+                            counters. Every /api/v1 call needs a bearer token; provisioning and \
+                            revocation need the operator role."
+        },
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "responses": {
+                "Unauthorized": { "description": "missing or unknown token" },
+                "Error": {
+                    "description": "an error",
+                    "content": { "application/json": { "schema": {
+                        "type": "object", "properties": { "error": { "type": "string" } }
+                    } } }
+                }
+            }
+        },
+        "paths": {
+            "/healthz": { "get": { "summary": "liveness", "responses": { "200": { "description": "ok" } } } },
+            "/metrics": { "get": { "summary": "Prometheus metrics of the service",
+                                    "responses": { "200": { "description": "text exposition" } } } },
+            "/openapi.json": { "get": { "summary": "this document",
+                                         "responses": { "200": { "description": "OpenAPI 3.1" } } } },
+            "/api/v1/devices": {
+                "get": op("list devices (cursor paging by id)", json!([
+                    q("cohort", "model_id@model_version/hw", "string"),
+                    q("tag", "user tag as key=value", "string"),
+                    q("state", "online | offline | unseen | revoked", "string"),
+                    q("after", "cursor: the `next` of the previous page", "string"),
+                    q("limit", "page size, 1-1000 (100)", "integer"),
+                ]), "200", json!({ "400": { "$ref": "#/components/responses/Error" } })),
+                "post": {
+                    "summary": "provision a device; returns its MQTT password and message key once",
+                    "security": [{ "bearer": [] }],
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                        "type": "object", "required": ["id"], "additionalProperties": false,
+                        "properties": {
+                            "id": { "type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$" },
+                            "tags": { "type": "object", "additionalProperties": { "type": "string" } }
+                        }
+                    } } } },
+                    "responses": {
+                        "201": { "description": "credentials: device_id, mqtt_password, mac_key (hex)" },
+                        "400": { "$ref": "#/components/responses/Error" },
+                        "401": { "$ref": "#/components/responses/Unauthorized" },
+                        "403": { "$ref": "#/components/responses/Error" },
+                        "409": { "$ref": "#/components/responses/Error" }
+                    }
+                }
+            },
+            "/api/v1/devices/{id}": {
+                "get": op("one device: registry record, presence, latest health", json!([id_param()]), "200", not_found.clone())
+            },
+            "/api/v1/devices/{id}/revoke": {
+                "post": op("revoke a device (operator)", json!([id_param()]), "204", not_found.clone())
+            },
+            "/api/v1/devices/{id}/windows": {
+                "get": op("a device's windowed aggregates (history)", json!([
+                    id_param(), q("since", "window start, ms since epoch", "integer"),
+                    q("limit", "1-1000 (100)", "integer")
+                ]), "200", not_found)
+            },
+            "/api/v1/cohorts": {
+                "get": op("cohorts with their latest window", json!([]), "200", json!({}))
+            },
+            "/api/v1/cohorts/windows": {
+                "get": op("a cohort's windowed aggregates", json!([
+                    q("cohort", "cohort key (required)", "string"),
+                    q("since", "window start, ms since epoch", "integer"),
+                    q("limit", "1-1000 (100)", "integer")
+                ]), "200", json!({ "400": { "$ref": "#/components/responses/Error" } }))
+            },
+            "/api/v1/ingest": {
+                "get": op("ingest counters: received, accepted by kind, rejected by reason, lost summaries",
+                          json!([]), "200", json!({}))
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_route_is_documented() {
+        let doc = super::document();
+        let paths = doc["paths"].as_object().unwrap();
+        let src = include_str!("lib.rs");
+        let routes: Vec<&str> = src
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".route(\""))
+            .filter_map(|l| l.split('"').next())
+            .collect();
+        assert!(routes.len() >= 9);
+        for r in &routes {
+            assert!(
+                paths.contains_key(*r),
+                "route {r} missing from openapi.json"
+            );
+        }
+        assert_eq!(
+            paths.len(),
+            routes.len(),
+            "openapi.json documents routes that do not exist"
+        );
+    }
+}
