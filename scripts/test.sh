@@ -18,6 +18,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+# Real servers the tests start: VictoriaMetrics speaks InfluxDB's /api/v2/write.
+scripts/ensure-victoria-metrics.sh
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 if ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
   rustup target add thumbv7em-none-eabihf || echo "thumbv7em-none-eabihf cannot be installed here"
