@@ -7,6 +7,9 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod config;
+mod serve;
 use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
 use tinyfleet_device::wire::{self, DeviceId, Kind, Topic};
 use tinyfleet_device::{DeviceKey, ReferenceMonitor};
@@ -25,6 +28,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the broker, ingest and the API in one process until SIGINT/SIGTERM.
+    Serve {
+        /// TOML configuration file; without one, everything runs embedded with defaults.
+        #[arg(long, short)]
+        config: Option<std::path::PathBuf>,
+        /// Overrides `data_dir` from the configuration.
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+    },
     /// Run a simulated fleet through the device client and the backend's verify/decode stage.
     Demo {
         /// Number of simulated devices.
@@ -41,7 +53,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TINYFLEET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
+        Command::Serve { config, data_dir } => run_serve(config.as_deref(), data_dir),
         Command::Demo {
             devices,
             inferences,
@@ -55,6 +75,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_serve(
+    config: Option<&std::path::Path>,
+    data_dir: Option<std::path::PathBuf>,
+) -> Result<(), String> {
+    let mut config = config::Config::load(config)?;
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tinyfleet")
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(serve::serve(config, std::future::pending()))
 }
 
 /// Per-cohort running totals for the demo's report.

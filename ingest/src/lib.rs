@@ -15,5 +15,8 @@
 pub mod aggregate;
 pub mod decode;
 pub mod dedup;
+pub mod influx;
 pub mod metrics;
 pub mod pipeline;
+pub mod shell;
+pub mod source;

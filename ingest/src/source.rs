@@ -1,0 +1,75 @@
+//! The MQTT source: subscribes to every device->cloud topic and feeds the shell.
+//!
+//! It connects with a persistent session (clean session off) and manual acknowledgements, so a
+//! message is acknowledged to the broker only after the shell committed its effects, and
+//! messages published while ingest is away wait in the broker. With a share group, subscriptions
+//! are `$share/{group}/...` and several ingest replicas split the load.
+
+use tinyfleet_broker::client::{ClientConfig, ClientEvent, connect, shared};
+use tinyfleet_device::Kind;
+use tokio::sync::{mpsc, watch};
+
+use crate::shell::Incoming;
+
+/// The topic filters ingest subscribes to (device->cloud kinds).
+pub fn filters() -> Vec<String> {
+    Kind::ALL
+        .into_iter()
+        .filter(|k| k.from_device())
+        .map(|k| format!("{}+/{}", tinyfleet_device::wire::TOPIC_PREFIX, k.suffix()))
+        .collect()
+}
+
+/// Runs the source until `shutdown` turns true. `client` must name a stable client id.
+pub async fn run(
+    mut client: ClientConfig,
+    share_group: Option<String>,
+    tx: mpsc::Sender<Incoming>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    client.clean_session = false;
+    client.manual_acks = true;
+    let (mqtt, mut conn) = connect(&client);
+    let subscriptions: Vec<String> = filters()
+        .iter()
+        .map(|f| shared(share_group.as_deref(), f))
+        .collect();
+    loop {
+        tokio::select! {
+            event = conn.next() => match event {
+                ClientEvent::Connected { session_present } => {
+                    if !session_present {
+                        for filter in &subscriptions {
+                            if let Err(e) = mqtt.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce) {
+                                tracing::error!(%filter, error = %e, "subscribe request failed");
+                            }
+                        }
+                    }
+                    tracing::info!(session_present, "ingest connected to the broker");
+                }
+                ClientEvent::Message(publish) => {
+                    let topic = publish.topic.clone();
+                    let payload = publish.payload.to_vec();
+                    let acker = mqtt.clone();
+                    let ack: Box<dyn FnOnce() + Send> = Box::new(move || {
+                        if let Err(e) = acker.try_ack(&publish) {
+                            tracing::warn!(error = %e, "acknowledgement not sent; the broker will redeliver");
+                        }
+                    });
+                    let incoming = Incoming {
+                        topic,
+                        payload,
+                        received_ms: tinyfleet_store::now_ms(),
+                        ack: Some(ack),
+                    };
+                    if tx.send(incoming).await.is_err() {
+                        break;
+                    }
+                }
+                ClientEvent::Other(_) => {}
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    let _ = mqtt.try_disconnect();
+}

@@ -1,0 +1,278 @@
+//! `tinyfleet serve` configuration: TOML, parsed then validated into a form that cannot be
+//! wrong. Every field has a default, so an empty file (or none) runs a complete embedded setup.
+//! Invalid configuration is an error message naming the field, never a panic.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tinyfleet_api::{ApiToken, Role};
+use tinyfleet_broker::BrokerConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the database, the master key and the API token live.
+    pub data_dir: PathBuf,
+    /// The embedded MQTT broker; on (with defaults) unless `[mqtt]` names an external broker.
+    pub broker: Option<BrokerConfig>,
+    /// An external broker (Mosquitto, EMQX) instead of the embedded one.
+    pub mqtt: Option<MqttConfig>,
+    pub ingest: IngestConfig,
+    pub api: ApiConfig,
+    /// Optional InfluxDB 2 (or any server speaking its `/api/v2/write`) for dashboards.
+    pub influx: Option<tinyfleet_sink_influx::InfluxConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("tinyfleet-data"),
+            broker: None,
+            mqtt: None,
+            ingest: IngestConfig::default(),
+            api: ApiConfig::default(),
+            influx: None,
+        }
+    }
+}
+
+/// How ingest reaches an external broker.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Must be unique per ingest replica.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Replicas with the same group split the messages (`$share/{group}/...`).
+    pub share_group: Option<String>,
+}
+
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("client_id", &self.client_id)
+            .field("share_group", &self.share_group)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_mqtt_port() -> u16 {
+    1883
+}
+
+fn default_client_id() -> String {
+    "tinyfleet-ingest".to_owned()
+}
+
+/// Ingest settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Aggregation window length.
+    pub window_secs: u64,
+    /// A device silent this long is marked offline.
+    pub offline_after_secs: u64,
+    /// Messages per store transaction (at most).
+    pub max_batch: usize,
+    /// Longest wait before a partial batch is committed and acknowledged.
+    pub flush_ms: u64,
+    /// Windows older than this are deleted.
+    pub retention_days: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            window_secs: 300,
+            offline_after_secs: 900,
+            max_batch: 2000,
+            flush_ms: 200,
+            retention_days: 30,
+        }
+    }
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// API tokens. With none, an operator token is generated once into
+    /// `<data_dir>/api-token` (mode 0600).
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// One API token: give its SHA-256 (hex) rather than the token itself where you can.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub token: Option<String>,
+    pub sha256: Option<String>,
+    pub role: Role,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenConfig {
+    pub fn to_api_token(&self) -> Result<ApiToken, String> {
+        match (&self.token, &self.sha256) {
+            (Some(t), None) if t.len() >= 16 => Ok(ApiToken::from_plain(&self.name, t, self.role)),
+            (Some(_), None) => Err(format!(
+                "api.tokens[{}]: token must be at least 16 characters",
+                self.name
+            )),
+            (None, Some(h)) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Ok(ApiToken {
+                    name: self.name.clone(),
+                    sha256: h.to_ascii_lowercase(),
+                    role: self.role,
+                })
+            }
+            (None, Some(_)) => Err(format!(
+                "api.tokens[{}]: sha256 must be 64 hex digits",
+                self.name
+            )),
+            _ => Err(format!(
+                "api.tokens[{}]: give exactly one of token or sha256",
+                self.name
+            )),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or the defaults when `None`.
+    pub fn load(path: Option<&Path>) -> Result<Self, String> {
+        let mut config: Config = match path {
+            None => Config::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
+                toml::from_str(&text).map_err(|e| format!("config {}: {e}", p.display()))?
+            }
+        };
+        config.resolve();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Fills in what follows from what was given: the embedded broker runs unless an external
+    /// one is configured.
+    pub fn resolve(&mut self) {
+        if self.broker.is_none() && self.mqtt.is_none() {
+            self.broker = Some(BrokerConfig::default());
+        }
+    }
+
+    /// Checks everything that can be checked before starting.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.broker, &self.mqtt) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "config: [broker] (embedded) and [mqtt] (external) are exclusive; remove one"
+                        .into(),
+                );
+            }
+            (None, None) => {
+                return Err("config: [mqtt] is needed when the embedded [broker] is off".into());
+            }
+            (Some(b), None) => b.validate().map_err(|e| format!("config [broker]: {e}"))?,
+            (None, Some(m)) => {
+                if m.host.is_empty() {
+                    return Err("config [mqtt]: host is empty".into());
+                }
+            }
+        }
+        let i = &self.ingest;
+        if i.window_secs == 0 || i.window_secs > 86_400 {
+            return Err("config [ingest]: window_secs must be 1..=86400".into());
+        }
+        if i.offline_after_secs == 0 {
+            return Err("config [ingest]: offline_after_secs must be at least 1".into());
+        }
+        if i.max_batch == 0 || i.max_batch > 100_000 {
+            return Err("config [ingest]: max_batch must be 1..=100000".into());
+        }
+        if i.flush_ms == 0 {
+            return Err("config [ingest]: flush_ms must be at least 1".into());
+        }
+        if i.retention_days == 0 {
+            return Err("config [ingest]: retention_days must be at least 1".into());
+        }
+        for t in &self.api.tokens {
+            t.to_api_token()?;
+        }
+        if let Some(influx) = &self.influx {
+            influx.validate().map_err(|e| format!("config [influx]: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let mut c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.resolve();
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn empty_config_runs_embedded() {
+        let c = parse("").unwrap();
+        assert!(c.broker.is_some() && c.mqtt.is_none());
+    }
+
+    #[test]
+    fn bad_configs_are_errors() {
+        assert!(parse("nonsense = 1").unwrap_err().contains("unknown field"));
+        assert!(parse("[ingest]\nwindow_secs = 0").unwrap_err().contains("window_secs"));
+        assert!(parse("[mqtt]\nhost = \"x\"").unwrap().broker.is_none());
+        assert!(
+            parse("[broker]\n[mqtt]\nhost = \"x\"")
+                .unwrap_err()
+                .contains("exclusive")
+        );
+        assert!(
+            parse("[[api.tokens]]\nname = \"a\"\ntoken = \"short\"\nrole = \"read\"")
+                .unwrap_err()
+                .contains("16")
+        );
+        assert!(
+            parse("[[api.tokens]]\nname = \"a\"\nrole = \"admin\"")
+                .unwrap_err()
+                .contains("unknown variant")
+        );
+        assert!(parse("[broker]\nmax_payload = 0").unwrap_err().contains("broker"));
+    }
+}

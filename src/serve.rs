@@ -1,0 +1,254 @@
+//! `tinyfleet serve`: wires the store, the broker (embedded or external), ingest and the API
+//! into one process, and shuts them down in order on SIGINT/SIGTERM (ingest commits what it
+//! holds before the process exits).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use rand::RngCore;
+use tinyfleet_api::{ApiState, ApiToken, Role};
+use tinyfleet_broker::client::ClientConfig;
+use tinyfleet_broker::{ConnectAuth, EmbeddedBroker};
+use tinyfleet_ingest::metrics::Metrics;
+use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
+use tinyfleet_ingest::influx::InfluxEvents;
+use tinyfleet_ingest::shell::{self, EventSink, ShellConfig};
+use tinyfleet_sink_influx::InfluxSink;
+use tinyfleet_store::{Registry, Store};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+
+/// The account ingest (and later OTA) use on the embedded broker.
+const SERVICE_USER: &str = "tinyfleet-service";
+
+/// CONNECT authentication on the embedded broker: devices by registry, services by a password
+/// generated at each start (it never leaves the process).
+struct FleetAuth {
+    registry: Registry,
+    service_password: String,
+}
+
+impl ConnectAuth for FleetAuth {
+    fn authenticate(&self, client_id: &str, username: &str, password: &str) -> bool {
+        if username == SERVICE_USER {
+            let a = password.as_bytes();
+            let b = self.service_password.as_bytes();
+            return client_id.starts_with("tinyfleet-")
+                && a.len() == b.len()
+                && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        }
+        // A device connects as itself: client id = username = device id.
+        client_id == username && self.registry.check_password(username, password)
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// API tokens from the config, or the generated operator token in `<data_dir>/api-token`.
+fn api_tokens(config: &Config, data_dir: &Path) -> Result<Vec<ApiToken>, String> {
+    if !config.api.tokens.is_empty() {
+        return config.api.tokens.iter().map(|t| t.to_api_token()).collect();
+    }
+    let path = data_dir.join("api-token");
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) => t.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = random_hex(32);
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts
+                .open(&path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            std::io::Write::write_all(&mut f, token.as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            eprintln!(
+                "tinyfleet: no API tokens configured; generated an operator token in {}",
+                path.display()
+            );
+            token
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    Ok(vec![ApiToken::from_plain("generated", &token, Role::Operator)])
+}
+
+/// Runs until SIGINT/SIGTERM or until `stop` resolves.
+pub async fn serve(
+    config: Config,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let data_dir = config.data_dir.clone();
+    let store = {
+        let dir = data_dir.clone();
+        tokio::task::spawn_blocking(move || Store::open(&dir))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    let tokens = api_tokens(&config, &data_dir)?;
+    let service_password = random_hex(24);
+
+    let (client, mqtt_addr, share_group) = match (&config.broker, &config.mqtt) {
+        (Some(broker), _) => {
+            let auth = Arc::new(FleetAuth {
+                registry: store.registry().clone(),
+                service_password: service_password.clone(),
+            });
+            let broker_config = broker.clone();
+            let broker: EmbeddedBroker =
+                tokio::task::spawn_blocking(move || EmbeddedBroker::start(&broker_config, auth))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("embedded broker: {e}"))?;
+            let addr = broker.local_addr();
+            // The broker has no shutdown: it lives as long as the process.
+            std::mem::forget(broker);
+            let client = ClientConfig {
+                url_host: addr.ip().to_string(),
+                port: addr.port(),
+                client_id: "tinyfleet-ingest".to_owned(),
+                username: Some(SERVICE_USER.to_owned()),
+                password: Some(service_password.clone()),
+                max_packet: config
+                    .broker
+                    .as_ref()
+                    .map_or(ClientConfig::default().max_packet, |b| b.max_packet()),
+                ..ClientConfig::default()
+            };
+            (client, addr, None)
+        }
+        (None, Some(m)) => {
+            let client = ClientConfig {
+                url_host: m.host.clone(),
+                port: m.port,
+                client_id: m.client_id.clone(),
+                username: m.username.clone(),
+                password: m.password.clone(),
+                ..ClientConfig::default()
+            };
+            let addr = tokio::net::lookup_host((m.host.as_str(), m.port))
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], m.port)));
+            (client, addr, m.share_group.clone())
+        }
+        (None, None) => return Err("no broker configured".into()),
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let pipeline = Pipeline::new(
+        PipelineConfig {
+            window_ms: config.ingest.window_secs as i64 * 1000,
+            offline_after_ms: config.ingest.offline_after_secs as i64 * 1000,
+            max_payload: config
+                .broker
+                .as_ref()
+                .map_or(tinyfleet_ingest::decode::DEFAULT_MAX_PAYLOAD, |b| b.max_payload),
+        },
+        store.clone(),
+        metrics.clone(),
+    );
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (tx, rx) = mpsc::channel(config.ingest.max_batch.max(1000) * 2);
+    let source = tokio::spawn(tinyfleet_ingest::source::run(
+        client,
+        share_group,
+        tx,
+        shutdown_rx.clone(),
+    ));
+    let shell_config = ShellConfig {
+        max_batch: config.ingest.max_batch,
+        flush_interval: std::time::Duration::from_millis(config.ingest.flush_ms),
+        retention: std::time::Duration::from_secs(config.ingest.retention_days * 86_400),
+        ..ShellConfig::default()
+    };
+    let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
+    let mut influx = None;
+    if let Some(influx_config) = &config.influx {
+        let (sink, task) = InfluxSink::spawn(influx_config.clone())
+            .map_err(|e| format!("config [influx]: {e}"))?;
+        sinks.push(Arc::new(InfluxEvents::new(sink.clone(), metrics.clone())));
+        influx = Some((sink, task));
+    }
+    let ingest = tokio::spawn(shell::run(
+        pipeline,
+        rx,
+        shell_config,
+        sinks,
+        shutdown_rx.clone(),
+    ));
+
+    let api_state = ApiState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        tokens: Arc::new(tokens),
+        extra_metrics: Arc::new(String::new),
+    };
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} for the API: {e}", config.api.listen))?;
+    let api_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut api_shutdown = shutdown_rx.clone();
+    let api = tokio::spawn(async move {
+        axum::serve(listener, tinyfleet_api::router(api_state))
+            .with_graceful_shutdown(async move {
+                let _ = api_shutdown.changed().await;
+            })
+            .await
+    });
+
+    // One machine-readable line: tests and scripts read the real ports from it.
+    println!(
+        "tinyfleet serving: mqtt={mqtt_addr} api=http://{api_addr} data={}",
+        data_dir.display()
+    );
+
+    tokio::select! {
+        _ = stop => {}
+        _ = signal() => {}
+    }
+    tracing::info!("shutting down: committing ingest state");
+    let _ = shutdown_tx.send(true);
+    let _ = source.await;
+    let _ = ingest.await;
+    let _ = api.await;
+    if let Some((sink, task)) = influx {
+        if !sink.flush(std::time::Duration::from_secs(5)).await {
+            tracing::warn!(backlog = sink.stats().queued, "time-series points not written before exit");
+        }
+        drop(sink);
+        task.abort();
+    }
+    Ok(())
+}
+
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
