@@ -1,0 +1,317 @@
+//! Helpers for end-to-end tests: a `tinyfleet serve` process on ephemeral ports, simulated
+//! devices speaking real MQTT with the device client's encoder, and waiting with timeouts.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, LastWill, MqttOptions, Packet, QoS};
+use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
+use tinyfleet_device::wire::{self, DeviceId, Kind, Topic};
+use tinyfleet_device::{DeviceKey, ReferenceMonitor};
+
+pub const TOKEN: &str = "operator-token-for-tests-0123456789";
+pub const READ_TOKEN: &str = "read-only-token-for-tests-0123456789";
+
+/// Waits until `f` returns `Some`, polling every 50 ms, up to `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running `tinyfleet serve`.
+pub struct Server {
+    child: Child,
+    pub mqtt: SocketAddr,
+    pub api: String,
+    pub data_dir: PathBuf,
+    config_path: PathBuf,
+}
+
+impl Server {
+    /// Starts a server on `data_dir` with ephemeral ports; `extra` is appended to the config.
+    pub fn start(data_dir: &Path, extra: &str) -> Server {
+        let config_path = data_dir.with_extension("toml");
+        let config = format!(
+            "data_dir = {:?}\n\
+             [broker]\nlisten = \"127.0.0.1:0\"\n\
+             [ingest]\nflush_ms = 20\n\
+             [api]\nlisten = \"127.0.0.1:0\"\n\
+             [[api.tokens]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\nrole = \"operator\"\n\
+             [[api.tokens]]\nname = \"viewer\"\ntoken = \"{READ_TOKEN}\"\nrole = \"read\"\n{extra}",
+            data_dir.display()
+        );
+        std::fs::write(&config_path, config).expect("write config");
+        Self::spawn(data_dir, config_path)
+    }
+
+    fn spawn(data_dir: &Path, config_path: PathBuf) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tinyfleet"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("TINYFLEET_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tinyfleet serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("tinyfleet serving:") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("tinyfleet serve did not report its addresses within 30 s");
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .expect("address in the serving line")
+                .to_owned()
+        };
+        Server {
+            child,
+            mqtt: field("mqtt=").parse().expect("mqtt address"),
+            api: field("api="),
+            data_dir: data_dir.to_owned(),
+            config_path,
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = wait_for("server exit", Duration::from_secs(20), || {
+            self.child.try_wait().ok().flatten()
+        });
+        assert!(status.success(), "serve exited with {status}");
+    }
+
+    /// SIGKILL: no chance to commit anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts again on the same data directory and configuration.
+    pub fn restart_after_stop(data_dir: &Path) -> Server {
+        Self::spawn(data_dir, data_dir.with_extension("toml"))
+    }
+
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        self.get_as(path, TOKEN).1
+    }
+
+    pub fn get_as(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
+        let resp = reqwest::blocking::Client::new()
+            .get(format!("{}{path}", self.api))
+            .bearer_auth(token)
+            .send()
+            .expect("GET");
+        let status = resp.status().as_u16();
+        (status, resp.json().unwrap_or(serde_json::Value::Null))
+    }
+
+    pub fn post(&self, path: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("{}{path}", self.api))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .expect("POST");
+        let status = resp.status().as_u16();
+        (status, resp.json().unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Provisions a device through the API.
+    pub fn provision(&self, id: &str) -> SimDevice {
+        let (status, creds) = self.post(
+            "/api/v1/devices",
+            TOKEN,
+            serde_json::json!({ "id": id, "tags": { "site": "lab" } }),
+        );
+        assert_eq!(status, 201, "provision {id}: {creds}");
+        let key: [u8; 32] = hex::decode(creds["mac_key"].as_str().expect("mac_key"))
+            .expect("hex")
+            .try_into()
+            .expect("32 bytes");
+        SimDevice {
+            id: id.to_owned(),
+            password: creds["mqtt_password"].as_str().expect("password").to_owned(),
+            key: DeviceKey(key),
+            boot: 1,
+            summaries_sent: 0,
+            rng: Rng::new(id.len() as u64 * 7919),
+        }
+    }
+
+    /// Ingest counters from the API.
+    pub fn counter(&self, name: &str) -> i64 {
+        self.get("/api/v1/ingest")[name].as_i64().unwrap_or(0)
+    }
+
+    pub fn device_summaries(&self, id: &str) -> i64 {
+        self.get(&format!("/api/v1/devices/{id}"))["state"]["summaries"]
+            .as_i64()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.config_path;
+    }
+}
+
+/// A simulated device: the real device client's encoder over a real MQTT connection.
+pub struct SimDevice {
+    pub id: String,
+    pub password: String,
+    pub key: DeviceKey,
+    pub boot: u32,
+    pub summaries_sent: u32,
+    rng: Rng,
+}
+
+/// A connected device session.
+pub struct Session {
+    client: Client,
+    events: mpsc::Receiver<Result<Event, String>>,
+}
+
+impl SimDevice {
+    fn device_id(&self) -> DeviceId<'_> {
+        DeviceId::new(&self.id).expect("valid id")
+    }
+
+    /// The summary with sequence number `self.summaries_sent`, then counts it as sent.
+    pub fn next_summary(&mut self) -> (String, Vec<u8>) {
+        let profile = ReferenceProfile::default();
+        let mut m = ReferenceMonitor::new(profile.config(3), self.boot, wire::reset::POWER_ON, 0);
+        // Skip to the right sequence number by finishing empty windows (cheap, no allocation).
+        let mut scratch = [0u8; 512];
+        for _ in 0..self.summaries_sent {
+            let _ = m.finish_window(0, None, self.device_id(), &self.key, &mut scratch);
+        }
+        for _ in 0..40 {
+            m.record(&sample(&mut self.rng, &StreamParams::default()).inference())
+                .expect("record");
+        }
+        m.set_battery_mv(3600);
+        let mut out = [0u8; 512];
+        let n = m
+            .finish_window(60_000, None, self.device_id(), &self.key, &mut out)
+            .expect("encode");
+        self.summaries_sent += 1;
+        (
+            Topic::new(self.device_id(), Kind::Summary).as_str().to_owned(),
+            out[..n].to_vec(),
+        )
+    }
+
+    fn sealed<T: serde::Serialize>(&self, kind: Kind, msg: &T) -> (String, Vec<u8>) {
+        let mut out = [0u8; 256];
+        let n = wire::seal(self.device_id(), &self.key, kind, msg, &mut out).expect("seal");
+        (
+            Topic::new(self.device_id(), kind).as_str().to_owned(),
+            out[..n].to_vec(),
+        )
+    }
+
+    pub fn hello(&self, seq: u32) -> (String, Vec<u8>) {
+        self.sealed(
+            Kind::Hello,
+            &wire::Hello {
+                boot: self.boot,
+                seq,
+                fw: "1.0.0",
+                model_id: "kws",
+                model_version: "3",
+                model_seq: 3,
+                hw: "nrf52840",
+                caps: 0,
+                reset: wire::reset::POWER_ON,
+                unix_s: None,
+            },
+        )
+    }
+
+    /// Connects with `password` (its own unless overridden); returns the session once the
+    /// broker accepted the CONNECT, or the refusal.
+    pub fn connect_with(&self, addr: SocketAddr, password: &str) -> Result<Session, String> {
+        let mut opts = MqttOptions::new(&self.id, addr.ip().to_string(), addr.port());
+        opts.set_credentials(&self.id, password);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (topic, will) = self.sealed(Kind::Will, &wire::Will { boot: self.boot, seq: 0 });
+        opts.set_last_will(LastWill::new(topic, will, QoS::AtLeastOnce, true));
+        let (client, mut connection) = Client::new(opts, 100);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                let failed = event.is_err();
+                if tx.send(event.map_err(|e| e.to_string())).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                    return Ok(Session { client, events: rx });
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err("no CONNACK within 10 s".into()),
+            }
+        }
+    }
+
+    pub fn connect(&self, addr: SocketAddr) -> Session {
+        self.connect_with(addr, &self.password)
+            .unwrap_or_else(|e| panic!("{} could not connect: {e}", self.id))
+    }
+}
+
+impl Session {
+    /// Publishes QoS 1 messages and waits until the broker acknowledged every one.
+    pub fn publish_acked(&mut self, messages: &[(String, Vec<u8>)], retain: bool) {
+        for (topic, payload) in messages {
+            self.client
+                .publish(topic.clone(), QoS::AtLeastOnce, retain, payload.clone())
+                .expect("publish request");
+        }
+        let mut acked = 0;
+        while acked < messages.len() {
+            match self.events.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("connection failed while publishing: {e}"),
+                Err(_) => panic!("only {acked} of {} publishes acknowledged", messages.len()),
+            }
+        }
+    }
+
+    pub fn disconnect(self) {
+        let _ = self.client.disconnect();
+    }
+}
