@@ -184,3 +184,100 @@ fn will_marks_a_device_offline() {
     });
     second.disconnect();
 }
+
+/// A VictoriaMetrics server (it speaks InfluxDB's `/api/v2/write`), killed on drop.
+struct Victoria {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Victoria {
+    fn start() -> Victoria {
+        let bin = std::env::var("VICTORIA_METRICS_BIN")
+            .unwrap_or_else(|_| "/usr/bin/victoria-metrics".into());
+        assert!(
+            std::path::Path::new(&bin).exists(),
+            "{bin} is missing: run scripts/ensure-victoria-metrics.sh (scripts/test.sh does)"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = std::process::Command::new(bin)
+            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+            .arg(format!("-storageDataPath={}", dir.path().display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start victoria-metrics");
+        let url = format!("http://127.0.0.1:{port}");
+        wait_for("victoria-metrics health", WAIT, || {
+            reqwest::blocking::get(format!("{url}/health"))
+                .ok()
+                .filter(|r| r.status().is_success())
+        });
+        Victoria {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    /// The exported series lines of `metric`.
+    fn export(&self, metric: &str) -> String {
+        let client = reqwest::blocking::Client::new();
+        let _ = client
+            .post(format!("{}/internal/force_flush", self.url))
+            .send();
+        client
+            .get(format!("{}/api/v1/export", self.url))
+            .query(&[("match[]", format!("{{__name__=\"{metric}\"}}"))])
+            .send()
+            .and_then(|r| r.text())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Victoria {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn summaries_reach_the_time_series_store() {
+    let vm = Victoria::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let influx = format!(
+        "[influx]\nurl = \"{}\"\norg = \"fleet\"\nbucket = \"tinyfleet\"\ntoken = \"influx-token\"\n\
+         flush_interval_ms = 50\n",
+        vm.url
+    );
+    let server = Server::start(&dir.path().join("data"), &influx);
+    let mut a = server.provision("dev-a");
+    let mut session = a.connect(server.mqtt);
+    session.publish_acked(&[a.hello(0)], true);
+    let summaries: Vec<_> = (0..3).map(|_| a.next_summary()).collect();
+    session.publish_acked(&summaries, false);
+    // VictoriaMetrics names a field `measurement_field`.
+    let lines = wait_for("tf_summary points in VictoriaMetrics", WAIT, || {
+        let out = vm.export("tf_summary_inferences");
+        (out.lines().count() >= 1 && out.contains("\"device\":\"dev-a\"")).then_some(out)
+    });
+    assert!(lines.contains("\"cohort\":\"kws@3/nrf52840\""), "{lines}");
+    let values: u64 = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .flat_map(|v| v["values"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_f64())
+        .map(|v| v as u64)
+        .sum();
+    assert_eq!(values, 120, "3 summaries x 40 inferences: {lines}");
+    let battery = vm.export("tf_summary_battery_mv");
+    assert!(battery.contains("3600"), "{battery}");
+    let presence = vm.export("tf_presence_online");
+    assert!(presence.contains("\"reason\":\"hello\""), "{presence}");
+}
