@@ -108,9 +108,9 @@ pub async fn serve(
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("embedded broker: {e}"))?;
+            // The broker has no shutdown: it lives as long as the process, even when this
+            // handle is dropped.
             let addr = broker.local_addr();
-            // The broker has no shutdown: it lives as long as the process.
-            std::mem::forget(broker);
             let client = ClientConfig {
                 url_host: addr.ip().to_string(),
                 port: addr.port(),

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use tinyfleet_broker::client::{AckToken, Acker};
 use tokio::sync::{mpsc, watch};
 
 use crate::pipeline::{Events, Pipeline};
@@ -24,8 +25,8 @@ pub struct Incoming {
     pub payload: Vec<u8>,
     /// Server receive time, ms since the epoch.
     pub received_ms: i64,
-    /// Sends the MQTT acknowledgement; called only after the message's effects are committed.
-    pub ack: Option<Box<dyn FnOnce() + Send>>,
+    /// The MQTT acknowledgement, sent only after the message's effects are committed.
+    pub ack: Option<(Acker, AckToken)>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -72,7 +73,7 @@ pub async fn run(
     sinks: Vec<Arc<dyn EventSink>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut acks: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+    let mut acks: Vec<(Acker, AckToken)> = Vec::new();
     let mut tick = tokio::time::interval(config.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_housekeeping = Instant::now();
@@ -118,7 +119,7 @@ pub async fn run(
 /// Commits until it succeeds, then acknowledges and feeds the sinks.
 async fn commit(
     pipeline: &mut Pipeline,
-    acks: &mut Vec<Box<dyn FnOnce() + Send>>,
+    acks: &mut Vec<(Acker, AckToken)>,
     sinks: &[Arc<dyn EventSink>],
 ) {
     if !pipeline.has_changes() && acks.is_empty() {
@@ -154,8 +155,12 @@ async fn commit(
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
     }
-    for ack in acks.drain(..) {
-        ack();
+    // In receive order; the acker holds back any that would overtake an earlier message and
+    // drops those of a connection that has since ended (the broker redelivers them).
+    for (acker, token) in acks.drain(..) {
+        if let Err(e) = acker.ack(token).await {
+            tracing::warn!(error = %e, "acknowledgement not sent; the broker will redeliver");
+        }
     }
     metrics.pending.store(0, Ordering::Relaxed);
     pipeline.evict_old_windows(tinyfleet_store::now_ms());

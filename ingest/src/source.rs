@@ -30,6 +30,7 @@ pub async fn run(
     client.clean_session = false;
     client.manual_acks = true;
     let (mqtt, mut conn) = connect(&client);
+    let acker = conn.acker(&mqtt);
     let subscriptions: Vec<String> = filters()
         .iter()
         .map(|f| shared(share_group.as_deref(), f))
@@ -50,17 +51,13 @@ pub async fn run(
                 ClientEvent::Message(publish) => {
                     let topic = publish.topic.clone();
                     let payload = publish.payload.to_vec();
-                    let acker = mqtt.clone();
-                    let ack: Box<dyn FnOnce() + Send> = Box::new(move || {
-                        if let Err(e) = acker.try_ack(&publish) {
-                            tracing::warn!(error = %e, "acknowledgement not sent; the broker will redeliver");
-                        }
-                    });
+                    // Registered before the next poll, in receive order (see `Acker`).
+                    let token = acker.token(&publish);
                     let incoming = Incoming {
                         topic,
                         payload,
                         received_ms: tinyfleet_store::now_ms(),
-                        ack: Some(ack),
+                        ack: Some((acker.clone(), token)),
                     };
                     if tx.send(incoming).await.is_err() {
                         break;
