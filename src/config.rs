@@ -82,9 +82,12 @@ pub struct IngestConfig {
     pub window_secs: u64,
     /// A device silent this long is marked offline.
     pub offline_after_secs: u64,
-    /// Messages per store transaction (at most).
+    /// MQTT connections ingest opens (one share group); each adds the broker's in-flight
+    /// window (100 on the embedded broker) to what can await a commit.
+    pub connections: usize,
+    /// Most messages in one store transaction.
     pub max_batch: usize,
-    /// Longest wait before a partial batch is committed and acknowledged.
+    /// Wake-up interval for housekeeping when no message arrives.
     pub flush_ms: u64,
     /// Windows older than this are deleted.
     pub retention_days: u64,
@@ -95,8 +98,9 @@ impl Default for IngestConfig {
         Self {
             window_secs: 300,
             offline_after_secs: 900,
+            connections: 1,
             max_batch: 2000,
-            flush_ms: 200,
+            flush_ms: 100,
             retention_days: 30,
         }
     }
@@ -217,6 +221,18 @@ impl Config {
         if i.offline_after_secs == 0 {
             return Err("config [ingest]: offline_after_secs must be at least 1".into());
         }
+        if i.connections == 0 || i.connections > 64 {
+            return Err("config [ingest]: connections must be 1..=64".into());
+        }
+        if i.connections > 1 && self.broker.is_some() {
+            // rumqttd 0.20 panics (and its router dies) when a persistent-session client with a
+            // shared subscription disconnects (router/routing.rs: "group must exists").
+            return Err(
+                "config [ingest]: connections > 1 needs an external broker; the embedded broker \
+                 (rumqttd 0.20) crashes on shared subscriptions with persistent sessions"
+                    .into(),
+            );
+        }
         if i.max_batch == 0 || i.max_batch > 100_000 {
             return Err("config [ingest]: max_batch must be 1..=100000".into());
         }
@@ -230,7 +246,9 @@ impl Config {
             t.to_api_token()?;
         }
         if let Some(influx) = &self.influx {
-            influx.validate().map_err(|e| format!("config [influx]: {e}"))?;
+            influx
+                .validate()
+                .map_err(|e| format!("config [influx]: {e}"))?;
         }
         Ok(())
     }
@@ -256,7 +274,11 @@ mod tests {
     #[test]
     fn bad_configs_are_errors() {
         assert!(parse("nonsense = 1").unwrap_err().contains("unknown field"));
-        assert!(parse("[ingest]\nwindow_secs = 0").unwrap_err().contains("window_secs"));
+        assert!(
+            parse("[ingest]\nwindow_secs = 0")
+                .unwrap_err()
+                .contains("window_secs")
+        );
         assert!(parse("[mqtt]\nhost = \"x\"").unwrap().broker.is_none());
         assert!(
             parse("[broker]\n[mqtt]\nhost = \"x\"")
@@ -273,6 +295,10 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown variant")
         );
-        assert!(parse("[broker]\nmax_payload = 0").unwrap_err().contains("broker"));
+        assert!(
+            parse("[broker]\nmax_payload = 0")
+                .unwrap_err()
+                .contains("broker")
+        );
     }
 }

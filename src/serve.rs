@@ -10,9 +10,9 @@ use rand::RngCore;
 use tinyfleet_api::{ApiState, ApiToken, Role};
 use tinyfleet_broker::client::ClientConfig;
 use tinyfleet_broker::{ConnectAuth, EmbeddedBroker};
+use tinyfleet_ingest::influx::InfluxEvents;
 use tinyfleet_ingest::metrics::Metrics;
 use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
-use tinyfleet_ingest::influx::InfluxEvents;
 use tinyfleet_ingest::shell::{self, EventSink, ShellConfig};
 use tinyfleet_sink_influx::InfluxSink;
 use tinyfleet_store::{Registry, Store};
@@ -77,7 +77,11 @@ fn api_tokens(config: &Config, data_dir: &Path) -> Result<Vec<ApiToken>, String>
         }
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    Ok(vec![ApiToken::from_plain("generated", &token, Role::Operator)])
+    Ok(vec![ApiToken::from_plain(
+        "generated",
+        &token,
+        Role::Operator,
+    )])
 }
 
 /// Runs until SIGINT/SIGTERM or until `stop` resolves.
@@ -152,7 +156,10 @@ pub async fn serve(
             max_payload: config
                 .broker
                 .as_ref()
-                .map_or(tinyfleet_ingest::decode::DEFAULT_MAX_PAYLOAD, |b| b.max_payload),
+                .map_or(tinyfleet_ingest::decode::DEFAULT_MAX_PAYLOAD, |b| {
+                    b.max_payload
+                }),
+            collect_events: config.influx.is_some(),
         },
         store.clone(),
         metrics.clone(),
@@ -162,6 +169,7 @@ pub async fn serve(
     let source = tokio::spawn(tinyfleet_ingest::source::run(
         client,
         share_group,
+        config.ingest.connections,
         tx,
         shutdown_rx.clone(),
     ));
@@ -223,7 +231,10 @@ pub async fn serve(
     let _ = api.await;
     if let Some((sink, task)) = influx {
         if !sink.flush(std::time::Duration::from_secs(5)).await {
-            tracing::warn!(backlog = sink.stats().queued, "time-series points not written before exit");
+            tracing::warn!(
+                backlog = sink.stats().queued,
+                "time-series points not written before exit"
+            );
         }
         drop(sink);
         task.abort();

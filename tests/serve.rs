@@ -68,7 +68,10 @@ fn summaries_flow_from_devices_to_api_and_store() {
         serde_json::json!({ "id": "dev-c" }),
     );
     assert_eq!(status, 403);
-    assert_eq!(server.get_as("/api/v1/devices", "wrong-token-000000").0, 401);
+    assert_eq!(
+        server.get_as("/api/v1/devices", "wrong-token-000000").0,
+        401
+    );
 
     // Prometheus metrics of the service itself.
     let metrics = reqwest::blocking::get(format!("{}/metrics", server.api))
@@ -121,11 +124,7 @@ fn wrong_credentials_are_refused() {
     );
     // Revoked devices cannot connect any more.
     assert!(a.connect_with(server.mqtt, &a.password).is_ok());
-    let (status, _) = server.post(
-        "/api/v1/devices/dev-a/revoke",
-        TOKEN,
-        serde_json::json!({}),
-    );
+    let (status, _) = server.post("/api/v1/devices/dev-a/revoke", TOKEN, serde_json::json!({}));
     assert_eq!(status, 204);
     assert!(a.connect_with(server.mqtt, &a.password).is_err());
 }
@@ -178,8 +177,7 @@ fn will_marks_a_device_offline() {
     let second = a.connect(server.mqtt);
     wait_for("offline by will", WAIT, || {
         let state = server.get("/api/v1/devices/dev-a")["state"].clone();
-        (state["presence"]["online"] == false
-            && state["presence"]["offline_reason"] == "will")
+        (state["presence"]["online"] == false && state["presence"]["offline_reason"] == "will")
             .then_some(())
     });
     second.disconnect();

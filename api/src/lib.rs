@@ -244,12 +244,12 @@ async fn list_devices(
                 .ok_or_else(|| ApiError::BadRequest(format!("tag {t:?} must be key=value")))?,
         ),
     };
-    if let Some(st) = &p.state {
-        if !["online", "offline", "unseen", "revoked"].contains(&st.as_str()) {
-            return Err(ApiError::BadRequest(format!(
-                "state {st:?} must be online, offline, unseen or revoked"
-            )));
-        }
+    if let Some(st) = &p.state
+        && !["online", "offline", "unseen", "revoked"].contains(&st.as_str())
+    {
+        return Err(ApiError::BadRequest(format!(
+            "state {st:?} must be online, offline, unseen or revoked"
+        )));
     }
     let q = DeviceQuery {
         cohort: p.cohort,

@@ -64,7 +64,7 @@ impl<'a> BitWriter<'a> {
         self.bit_len.div_ceil(8)
     }
 
-    /// Appends the low `n` bits of `value` (n <= 64), most significant first.
+    /// Appends the low `n` bits of `value` (n <= 64), most significant first, a byte at a time.
     fn put(&mut self, value: u64, n: u32) -> Result<(), CountsError> {
         if self.dry {
             self.bit_len += n as usize;
@@ -73,14 +73,19 @@ impl<'a> BitWriter<'a> {
         if self.bit_len + n as usize > self.buf.len() * 8 {
             return Err(CountsError::BufferFull);
         }
-        for i in (0..n).rev() {
+        let mut remaining = n;
+        while remaining > 0 {
             let byte = self.bit_len / 8;
-            let shift = 7 - (self.bit_len % 8);
-            if shift == 7 {
+            let used = (self.bit_len % 8) as u32;
+            let free = 8 - used;
+            let take = free.min(remaining);
+            let bits = (value >> (remaining - take)) & ((1u64 << take) - 1);
+            if used == 0 {
                 self.buf[byte] = 0;
             }
-            self.buf[byte] |= (((value >> i) & 1) as u8) << shift;
-            self.bit_len += 1;
+            self.buf[byte] |= (bits << (free - take)) as u8;
+            self.bit_len += take as usize;
+            remaining -= take;
         }
         Ok(())
     }
@@ -134,33 +139,58 @@ impl<'a> BitReader<'a> {
         Self { buf, pos: 0 }
     }
 
-    fn bit(&mut self) -> Result<u64, CountsError> {
-        let byte = self.buf.get(self.pos / 8).ok_or(CountsError::Truncated)?;
-        let b = (byte >> (7 - (self.pos % 8))) & 1;
-        self.pos += 1;
-        Ok(u64::from(b))
-    }
-
+    /// Reads `n` bits (n <= 64), a byte at a time.
     fn take(&mut self, n: u32) -> Result<u64, CountsError> {
-        let mut v = 0;
-        for _ in 0..n {
-            v = (v << 1) | self.bit()?;
+        if self.pos + n as usize > self.buf.len() * 8 {
+            return Err(CountsError::Truncated);
+        }
+        let mut v = 0u64;
+        let mut remaining = n;
+        while remaining > 0 {
+            let used = (self.pos % 8) as u32;
+            let avail = 8 - used;
+            let take = avail.min(remaining);
+            let byte = u64::from(self.buf[self.pos / 8]);
+            let bits = (byte >> (avail - take)) & ((1u64 << take) - 1);
+            v = (v << take) | bits;
+            self.pos += take as usize;
+            remaining -= take;
         }
         Ok(v)
+    }
+
+    /// Counts zero bits up to and including the next one bit; more than `limit` zeros is an
+    /// overlong code.
+    fn zeros_then_one(&mut self, limit: u32) -> Result<u32, CountsError> {
+        let mut zeros = 0u32;
+        loop {
+            let byte = *self.buf.get(self.pos / 8).ok_or(CountsError::Truncated)?;
+            let used = (self.pos % 8) as u32;
+            let rest = byte << used;
+            if rest == 0 {
+                zeros += 8 - used;
+                self.pos += (8 - used) as usize;
+            } else {
+                let lz = rest.leading_zeros();
+                zeros += lz;
+                self.pos += lz as usize + 1;
+                if zeros > limit {
+                    return Err(CountsError::Overlong);
+                }
+                return Ok(zeros);
+            }
+            if zeros > limit {
+                return Err(CountsError::Overlong);
+            }
+        }
     }
 
     /// Reads one vector of `len` values, handing each to `sink` in order.
     pub fn vector(&mut self, len: usize, mut sink: impl FnMut(u32)) -> Result<(), CountsError> {
         let k = self.take(4)? as u32;
         for _ in 0..len {
-            let mut zeros = 0u32;
-            while self.bit()? == 0 {
-                zeros += 1;
-                // w has zeros + k + 1 bits and v = w - 2^k must fit in 32 bits.
-                if zeros + k + 1 > 33 {
-                    return Err(CountsError::Overlong);
-                }
-            }
+            // w has zeros + k + 1 bits and v = w - 2^k must fit in 32 bits.
+            let zeros = self.zeros_then_one(32 - k)?;
             let rest = self.take(zeros + k)?;
             let w = (1u64 << (zeros + k)) | rest;
             let v = u32::try_from(w - (1u64 << k)).map_err(|_| CountsError::Overlong)?;
@@ -174,10 +204,9 @@ impl<'a> BitReader<'a> {
         if self.buf.len() != self.pos.div_ceil(8) {
             return Err(CountsError::TrailingData);
         }
-        while !self.pos.is_multiple_of(8) {
-            if self.bit()? != 0 {
-                return Err(CountsError::TrailingData);
-            }
+        let pad = (8 - self.pos % 8) % 8;
+        if self.take(pad as u32)? != 0 {
+            return Err(CountsError::TrailingData);
         }
         Ok(())
     }

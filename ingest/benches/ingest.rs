@@ -29,7 +29,10 @@ fn messages(store: &Store) -> Vec<(String, Vec<u8>)> {
         let id = format!("dev-{d:05}");
         let creds = store
             .registry()
-            .provision(&id, BTreeMap::from([("site".to_owned(), format!("s{}", d % 4))]))
+            .provision(
+                &id,
+                BTreeMap::from([("site".to_owned(), format!("s{}", d % 4))]),
+            )
             .expect("provision");
         let key = DeviceKey(
             hex::decode(&creds.mac_key)
@@ -85,7 +88,10 @@ fn bench(c: &mut Criterion) {
     // pipeline is rebuilt (cheaply) when the messages run out.
     let now = 1_764_000_000_000;
     let mut pipeline = Pipeline::new(
-        PipelineConfig::default(),
+        PipelineConfig {
+            collect_events: false,
+            ..PipelineConfig::default()
+        },
         store.clone(),
         Arc::new(Metrics::default()),
     );
@@ -94,7 +100,10 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             if i == msgs.len() {
                 pipeline = Pipeline::new(
-                    PipelineConfig::default(),
+                    PipelineConfig {
+                        collect_events: false,
+                        ..PipelineConfig::default()
+                    },
                     store.clone(),
                     Arc::new(Metrics::default()),
                 );
@@ -120,7 +129,10 @@ fn bench(c: &mut Criterion) {
         let store = Store::open(dir.path()).expect("store");
         let msgs = messages(&store);
         let mut pipeline = Pipeline::new(
-            PipelineConfig::default(),
+            PipelineConfig {
+                collect_events: false,
+                ..PipelineConfig::default()
+            },
             store.clone(),
             Arc::new(Metrics::default()),
         );

@@ -61,7 +61,10 @@ pub fn points(events: &Events) -> Vec<Point> {
             .field("reset", u64::from(s.health.reset))
             .field(
                 "nan",
-                s.features.iter().map(|f| u64::from(f.hist.nan)).sum::<u64>(),
+                s.features
+                    .iter()
+                    .map(|f| u64::from(f.hist.nan))
+                    .sum::<u64>(),
             )
             .field(
                 "out_of_range",

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tinyfleet_device::decoded::DecodedSummary;
 use tinyfleet_device::{DeviceKey, Kind};
-use tinyfleet_store::{Batch, CohortWindow, DeviceState, DeviceWindow, Registry, Store};
+use tinyfleet_store::{Batch, DeviceState, Registry, Store, WindowWrite};
 
 use crate::aggregate::{WindowAgg, window_start};
 use crate::decode::{Decoder, DeviceMessage, KeyStore};
@@ -34,6 +34,8 @@ pub struct PipelineConfig {
     pub offline_after_ms: i64,
     /// Largest accepted payload.
     pub max_payload: usize,
+    /// Keep [`Events`] for sinks (off when nothing consumes them).
+    pub collect_events: bool,
 }
 
 impl Default for PipelineConfig {
@@ -42,6 +44,7 @@ impl Default for PipelineConfig {
             window_ms: 5 * 60_000,
             offline_after_ms: 15 * 60_000,
             max_payload: crate::decode::DEFAULT_MAX_PAYLOAD,
+            collect_events: true,
         }
     }
 }
@@ -242,14 +245,16 @@ impl Pipeline {
                 let start = window_start(event_ms, self.config.window_ms);
                 let tags = self.store.registry().tags(&device);
                 self.aggregate(&device, &cohort, &tags, start, &s, new_boot, lost_net);
-                self.events.summaries.push(SummaryEvent {
-                    device: device.clone(),
-                    cohort,
-                    event_ms,
-                    received_ms,
-                    summary: Arc::from(s),
-                    lost,
-                });
+                if self.config.collect_events {
+                    self.events.summaries.push(SummaryEvent {
+                        device: device.clone(),
+                        cohort,
+                        event_ms,
+                        received_ms,
+                        summary: Arc::from(s),
+                        lost,
+                    });
+                }
             }
             // Handed to the OTA service when it lands; counted and deduplicated here.
             DeviceMessage::Progress(_) | DeviceMessage::BlockRequest(_) => {}
@@ -264,9 +269,10 @@ impl Pipeline {
         Outcome::Dropped(d)
     }
 
+    /// Takes a device's state out of the cache (or the store); put it back when done.
     fn state(&mut self, device: &str) -> DeviceState {
-        if let Some(s) = self.states.get(device) {
-            return s.clone();
+        if let Some(s) = self.states.remove(device) {
+            return s;
         }
         self.store
             .device_state(device)
@@ -282,7 +288,7 @@ impl Pipeline {
         let changed = state.presence.online != online;
         state.presence.online = online;
         state.presence.offline_reason = (!online).then(|| reason.to_owned());
-        if changed {
+        if changed && self.config.collect_events {
             self.events.presence.push(PresenceEvent {
                 device: state.id.clone(),
                 online,
@@ -369,9 +375,9 @@ impl Pipeline {
                 self.set_online(&mut state, false, "timeout", now_ms);
                 state.updated_ms = now_ms;
                 self.dirty_states.insert(id.clone());
-                self.states.insert(id, state);
                 changed += 1;
             }
+            self.states.insert(id, state);
         }
         changed
     }
@@ -398,26 +404,27 @@ impl Pipeline {
             }
         }
         for key in self.dirty_device_windows.drain() {
-            if let Some((cohort, agg)) = self.device_windows.get(&key) {
-                if let Ok(agg) = serde_json::to_value(agg) {
-                    batch.device_windows.push(DeviceWindow {
-                        id: key.0,
-                        start_ms: key.1,
-                        cohort: cohort.clone(),
-                        agg,
-                    });
-                }
+            if let Some((cohort, agg)) = self.device_windows.get(&key)
+                && let Ok(json) = serde_json::to_string(agg)
+            {
+                batch.device_windows.push(WindowWrite {
+                    key: key.0,
+                    start_ms: key.1,
+                    cohort: Some(cohort.clone()),
+                    json,
+                });
             }
         }
         for key in self.dirty_cohort_windows.drain() {
-            if let Some(agg) = self.cohort_windows.get(&key) {
-                if let Ok(agg) = serde_json::to_value(agg) {
-                    batch.cohort_windows.push(CohortWindow {
-                        cohort: key.0,
-                        start_ms: key.1,
-                        agg,
-                    });
-                }
+            if let Some(agg) = self.cohort_windows.get(&key)
+                && let Ok(json) = serde_json::to_string(agg)
+            {
+                batch.cohort_windows.push(WindowWrite {
+                    key: key.0,
+                    start_ms: key.1,
+                    cohort: None,
+                    json,
+                });
             }
         }
         batch.counters = self.metrics.snapshot();

@@ -46,7 +46,10 @@ pub trait EventSink: Send + Sync {
 /// Settings of the shell.
 #[derive(Debug, Clone)]
 pub struct ShellConfig {
+    /// Most messages in one commit (batches are otherwise what is waiting when the previous
+    /// commit ends).
     pub max_batch: usize,
+    /// Wake-up interval for housekeeping and shutdown when no message arrives.
     pub flush_interval: Duration,
     /// How often to run the inactivity sweep and window retention.
     pub housekeeping_interval: Duration,
@@ -58,7 +61,7 @@ impl Default for ShellConfig {
     fn default() -> Self {
         Self {
             max_batch: 2000,
-            flush_interval: Duration::from_millis(200),
+            flush_interval: Duration::from_millis(100),
             housekeeping_interval: Duration::from_secs(30),
             retention: Duration::from_secs(30 * 24 * 3600),
         }
@@ -83,14 +86,17 @@ pub async fn run(
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(m) => {
-                    pipeline.handle(&m.topic, &m.payload, m.received_ms);
-                    if let Some(ack) = m.ack {
-                        acks.push(ack);
+                    apply(&mut pipeline, &mut acks, m);
+                    // Greedy batching: take whatever else is already waiting, then commit. Under
+                    // load a batch is what arrived during the previous commit; idle, a message
+                    // is committed and acknowledged at once.
+                    while acks.len() < config.max_batch {
+                        match rx.try_recv() {
+                            Ok(m) => apply(&mut pipeline, &mut acks, m),
+                            Err(_) => break,
+                        }
                     }
                     metrics.pending.store(acks.len() as u64, Ordering::Relaxed);
-                    if acks.len() < config.max_batch {
-                        continue;
-                    }
                 }
                 None => closing = true,
             },
@@ -113,6 +119,13 @@ pub async fn run(
         if closing || *shutdown.borrow() {
             break;
         }
+    }
+}
+
+fn apply(pipeline: &mut Pipeline, acks: &mut Vec<(Acker, AckToken)>, m: Incoming) {
+    pipeline.handle(&m.topic, &m.payload, m.received_ms);
+    if let Some(ack) = m.ack {
+        acks.push(ack);
     }
 }
 

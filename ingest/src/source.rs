@@ -4,6 +4,11 @@
 //! message is acknowledged to the broker only after the shell committed its effects, and
 //! messages published while ingest is away wait in the broker. With a share group, subscriptions
 //! are `$share/{group}/...` and several ingest replicas split the load.
+//!
+//! Throughput is bounded by the broker's in-flight window per connection (rumqttd: 100
+//! unacknowledged QoS 1 messages) divided by the time to commit. So the source opens several
+//! connections in one share group, and the shell commits as soon as most of the windows are
+//! used (`docs/benchmarks.md`).
 
 use tinyfleet_broker::client::{ClientConfig, ClientEvent, connect, shared};
 use tinyfleet_device::Kind;
@@ -20,8 +25,44 @@ pub fn filters() -> Vec<String> {
         .collect()
 }
 
-/// Runs the source until `shutdown` turns true. `client` must name a stable client id.
+/// The share group the connections of one ingest use when none is configured.
+pub const DEFAULT_SHARE_GROUP: &str = "tinyfleet-ingest";
+
+/// Runs `connections` connections (client ids `{client_id}-{i}`, or `client_id` alone for one)
+/// until `shutdown` turns true. Several connections share one subscription group.
 pub async fn run(
+    client: ClientConfig,
+    share_group: Option<String>,
+    connections: usize,
+    tx: mpsc::Sender<Incoming>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let connections = connections.max(1);
+    let group = match (share_group, connections) {
+        (Some(g), _) => Some(g),
+        (None, 1) => None,
+        (None, _) => Some(DEFAULT_SHARE_GROUP.to_owned()),
+    };
+    let mut tasks = Vec::new();
+    for i in 0..connections {
+        let mut c = client.clone();
+        if connections > 1 {
+            c.client_id = format!("{}-{i}", client.client_id);
+        }
+        tasks.push(tokio::spawn(run_one(
+            c,
+            group.clone(),
+            tx.clone(),
+            shutdown.clone(),
+        )));
+    }
+    drop(tx);
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn run_one(
     mut client: ClientConfig,
     share_group: Option<String>,
     tx: mpsc::Sender<Incoming>,

@@ -57,6 +57,7 @@ fn start_ingest(store: &Store, broker: &EmbeddedBroker) -> Ingest {
     let source = tokio::spawn(tinyfleet_ingest::source::run(
         client,
         None,
+        1,
         tx,
         shutdown_rx.clone(),
     ));
@@ -156,12 +157,7 @@ async fn wait_for_counts(store: &Store, ids: &[&str], want: u64) {
     loop {
         let counts: Vec<u64> = ids
             .iter()
-            .map(|id| {
-                store
-                    .device_state(id)
-                    .unwrap()
-                    .map_or(0, |s| s.summaries)
-            })
+            .map(|id| store.device_state(id).unwrap().map_or(0, |s| s.summaries))
             .collect();
         if counts.iter().all(|&c| c == want) {
             return;
@@ -203,7 +199,10 @@ async fn ingest_crash_loses_no_acknowledged_summary() {
     let mut probe = Device::connect(&store, &broker, "probe").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while store.device_state("probe").unwrap().is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "ingest never subscribed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ingest never subscribed"
+        );
         probe.publish(1).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

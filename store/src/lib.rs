@@ -21,7 +21,7 @@ mod state;
 pub use registry::{Credentials, DeviceRecord, Registry};
 pub use state::{
     Batch, CohortWindow, DeviceListItem, DevicePage, DeviceQuery, DeviceState, DeviceWindow,
-    Presence, ReplayWindow, Store, cohort_key,
+    Presence, ReplayWindow, Store, WindowWrite, cohort_key,
 };
 
 /// Why a store operation failed. Messages name what to do.

@@ -75,13 +75,24 @@ pub struct CohortWindow {
     pub agg: serde_json::Value,
 }
 
+/// A window aggregate to write, already serialised as JSON (ingest owns its shape).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowWrite {
+    /// Device id for device windows, cohort key for cohort windows.
+    pub key: String,
+    pub start_ms: i64,
+    /// The device's cohort (device windows only).
+    pub cohort: Option<String>,
+    pub json: String,
+}
+
 /// The writes of one ingest commit.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub replay: Vec<(String, u8, ReplayWindow)>,
     pub states: Vec<DeviceState>,
-    pub device_windows: Vec<DeviceWindow>,
-    pub cohort_windows: Vec<CohortWindow>,
+    pub device_windows: Vec<WindowWrite>,
+    pub cohort_windows: Vec<WindowWrite>,
     /// Absolute counter values.
     pub counters: Vec<(String, i64)>,
 }
@@ -237,13 +248,18 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4)",
             )?;
             for w in &batch.device_windows {
-                st.execute(params![w.id, w.start_ms, w.cohort, w.agg.to_string()])?;
+                st.execute(params![
+                    w.key,
+                    w.start_ms,
+                    w.cohort.as_deref().unwrap_or(""),
+                    w.json
+                ])?;
             }
             let mut st = tx.prepare_cached(
                 "INSERT OR REPLACE INTO cohort_windows (cohort, start_ms, agg) VALUES (?1, ?2, ?3)",
             )?;
             for w in &batch.cohort_windows {
-                st.execute(params![w.cohort, w.start_ms, w.agg.to_string()])?;
+                st.execute(params![w.key, w.start_ms, w.json])?;
             }
             let mut st =
                 tx.prepare_cached("INSERT OR REPLACE INTO counters (name, value) VALUES (?1, ?2)")?;
@@ -586,16 +602,17 @@ mod tests {
                     last_seen_ms: Some(10),
                     ..DeviceState::default()
                 }],
-                device_windows: vec![DeviceWindow {
-                    id: "d1".into(),
+                device_windows: vec![WindowWrite {
+                    key: "d1".into(),
                     start_ms: 0,
-                    cohort: "kws@1/nrf".into(),
-                    agg: serde_json::json!({"inferences": 5}),
+                    cohort: Some("kws@1/nrf".into()),
+                    json: r#"{"inferences": 5}"#.into(),
                 }],
-                cohort_windows: vec![CohortWindow {
-                    cohort: "kws@1/nrf".into(),
+                cohort_windows: vec![WindowWrite {
+                    key: "kws@1/nrf".into(),
                     start_ms: 0,
-                    agg: serde_json::json!({"inferences": 5}),
+                    cohort: None,
+                    json: r#"{"inferences": 5}"#.into(),
                 }],
                 counters: vec![("accepted".into(), 4)],
             };

@@ -130,7 +130,12 @@ impl Server {
         (status, resp.json().unwrap_or(serde_json::Value::Null))
     }
 
-    pub fn post(&self, path: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    pub fn post(
+        &self,
+        path: &str,
+        token: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
         let resp = reqwest::blocking::Client::new()
             .post(format!("{}{path}", self.api))
             .bearer_auth(token)
@@ -155,7 +160,10 @@ impl Server {
             .expect("32 bytes");
         SimDevice {
             id: id.to_owned(),
-            password: creds["mqtt_password"].as_str().expect("password").to_owned(),
+            password: creds["mqtt_password"]
+                .as_str()
+                .expect("password")
+                .to_owned(),
             key: DeviceKey(key),
             boot: 1,
             summaries_sent: 0,
@@ -224,7 +232,9 @@ impl SimDevice {
             .expect("encode");
         self.summaries_sent += 1;
         (
-            Topic::new(self.device_id(), Kind::Summary).as_str().to_owned(),
+            Topic::new(self.device_id(), Kind::Summary)
+                .as_str()
+                .to_owned(),
             out[..n].to_vec(),
         )
     }
@@ -262,7 +272,13 @@ impl SimDevice {
         let mut opts = MqttOptions::new(&self.id, addr.ip().to_string(), addr.port());
         opts.set_credentials(&self.id, password);
         opts.set_keep_alive(Duration::from_secs(30));
-        let (topic, will) = self.sealed(Kind::Will, &wire::Will { boot: self.boot, seq: 0 });
+        let (topic, will) = self.sealed(
+            Kind::Will,
+            &wire::Will {
+                boot: self.boot,
+                seq: 0,
+            },
+        );
         opts.set_last_will(LastWill::new(topic, will, QoS::AtLeastOnce, true));
         let (client, mut connection) = Client::new(opts, 100);
         let (tx, rx) = mpsc::channel();

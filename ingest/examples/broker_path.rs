@@ -1,0 +1,294 @@
+//! The whole path through the embedded broker, side by side in one run:
+//!
+//! 1. **forwarding**: publishers -> embedded broker -> a subscriber that only counts (QoS 1);
+//! 2. **ingest**: the same publishers and messages (new boot, so nothing is a duplicate) ->
+//!    embedded broker -> ingest (verify, decode, dedup, aggregate, SQLite commit, then PUBACK).
+//!
+//! Reports messages per second for each and their ratio (docs/benchmarks.md).
+//!
+//! cargo run --release -p tinyfleet-ingest --example broker_path -- [devices] [summaries per device] [publishers] [ingest connections]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tinyfleet_broker::client::ClientConfig;
+use tinyfleet_broker::{BrokerConfig, ConnectAuth, EmbeddedBroker};
+use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
+use tinyfleet_device::wire::{DeviceId, Kind, Topic};
+use tinyfleet_device::{DeviceKey, ReferenceMonitor};
+use tinyfleet_ingest::metrics::Metrics;
+use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
+use tinyfleet_ingest::shell::{self, ShellConfig};
+use tinyfleet_store::{Registry, Store};
+use tokio::sync::{mpsc, watch};
+
+const SERVICE: &str = "tinyfleet-service";
+const SERVICE_PASSWORD: &str = "bench-service-password";
+
+struct Auth(Registry);
+
+impl ConnectAuth for Auth {
+    fn authenticate(&self, client_id: &str, username: &str, password: &str) -> bool {
+        if username == SERVICE {
+            return password == SERVICE_PASSWORD;
+        }
+        client_id == username && self.0.check_password(username, password)
+    }
+}
+
+struct Fleet {
+    ids: Vec<String>,
+    keys: Vec<DeviceKey>,
+    passwords: Vec<String>,
+}
+
+/// `per_device` summaries (10 inferences each) of boot `boot` for every device, interleaved.
+fn messages(fleet: &Fleet, boot: u32, per_device: usize) -> Vec<(String, Vec<u8>)> {
+    let profile = ReferenceProfile::default();
+    let mut out = Vec::with_capacity(fleet.ids.len() * per_device);
+    let mut monitors: Vec<_> = fleet
+        .ids
+        .iter()
+        .map(|_| ReferenceMonitor::new(profile.config(1), boot, 0, 0))
+        .collect();
+    let mut rng = Rng::new(u64::from(boot));
+    for w in 0..per_device {
+        for (i, id) in fleet.ids.iter().enumerate() {
+            let m = &mut monitors[i];
+            for _ in 0..10 {
+                let s = sample(&mut rng, &StreamParams::default());
+                let _ = m.record(&s.inference());
+            }
+            let did = DeviceId::new(id).unwrap_or_else(|_| unreachable!());
+            let mut buf = [0u8; 512];
+            if let Ok(n) = m.finish_window(w as u64 * 1000, None, did, &fleet.keys[i], &mut buf) {
+                out.push((
+                    Topic::new(did, Kind::Summary).as_str().to_owned(),
+                    buf[..n].to_vec(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Publishes everything over `publishers` connections (QoS 1); returns when all are acked.
+async fn publish_all(
+    broker: &EmbeddedBroker,
+    fleet: &Fleet,
+    msgs: Arc<Vec<(String, Vec<u8>)>>,
+    publishers: usize,
+) {
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let addr = broker.local_addr();
+        let id = fleet.ids[p].clone();
+        let password = fleet.passwords[p].clone();
+        let msgs = msgs.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut opts = MqttOptions::new(&id, addr.ip().to_string(), addr.port());
+            opts.set_credentials(&id, password);
+            opts.set_inflight(200);
+            opts.set_max_packet_size(20_000, 20_000);
+            let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+            let mine: Vec<_> = msgs.iter().skip(p).step_by(publishers).cloned().collect();
+            let total = mine.len();
+            let sender = tokio::spawn(async move {
+                for (topic, payload) in mine {
+                    if client
+                        .publish(topic, QoS::AtLeastOnce, false, payload)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                client
+            });
+            let mut acked = 0;
+            while acked < total {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher {p}: {e}"),
+                }
+            }
+            let _client = sender.await;
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TINYFLEET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let devices = args.first().copied().unwrap_or(2000);
+    let per_device = args.get(1).copied().unwrap_or(25);
+    let publishers = args.get(2).copied().unwrap_or(8).min(devices);
+    let connections = args.get(3).copied().unwrap_or(4);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("store: {e}"));
+    let mut fleet = Fleet {
+        ids: Vec::new(),
+        keys: Vec::new(),
+        passwords: Vec::new(),
+    };
+    for d in 0..devices {
+        let id = format!("dev-{d:06}");
+        let tags = BTreeMap::from([("site".to_owned(), format!("s{}", d % 4))]);
+        let creds = store
+            .registry()
+            .provision(&id, tags)
+            .unwrap_or_else(|e| panic!("provision: {e}"));
+        let key: [u8; 32] = hex::decode(&creds.mac_key)
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .unwrap_or_else(|| unreachable!());
+        fleet.ids.push(id);
+        fleet.keys.push(DeviceKey(key));
+        fleet.passwords.push(creds.mqtt_password);
+    }
+    let broker_config = BrokerConfig {
+        listen: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+        ..BrokerConfig::default()
+    };
+    let auth = Arc::new(Auth(store.registry().clone()));
+    let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&broker_config, auth))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("broker: {e}"));
+    let addr = broker.local_addr();
+
+    let forwarding_msgs = Arc::new(messages(&fleet, 1, per_device));
+    let ingest_msgs = Arc::new(messages(&fleet, 2, per_device));
+    let n = forwarding_msgs.len() as u64;
+    let size = forwarding_msgs.iter().map(|m| m.1.len()).sum::<usize>() / n.max(1) as usize;
+    println!(
+        "{devices} devices x {per_device} summaries = {n} messages of ~{size} bytes, {publishers} publisher connections, {connections} ingest connections"
+    );
+
+    // 1. Plain forwarding to a subscriber that does nothing but count.
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let mut opts = MqttOptions::new("tinyfleet-counter", addr.ip().to_string(), addr.port());
+    opts.set_credentials(SERVICE, SERVICE_PASSWORD);
+    opts.set_max_packet_size(20_000, 20_000);
+    let (sub, mut sub_loop) = AsyncClient::new(opts, 1000);
+    let (subscribed_tx, mut subscribed) = mpsc::channel(1);
+    let sub_task = tokio::spawn(async move {
+        while let Ok(ev) = sub_loop.poll().await {
+            match ev {
+                Event::Incoming(Packet::Publish(_)) => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Event::Incoming(Packet::SubAck(_)) => {
+                    let _ = subscribed_tx.try_send(());
+                }
+                _ => {}
+            }
+        }
+    });
+    let _ = sub.subscribe("tf/v1/+/sum", QoS::AtLeastOnce).await;
+    let _ = subscribed.recv().await;
+    let t0 = Instant::now();
+    publish_all(&broker, &fleet, forwarding_msgs, publishers).await;
+    while received.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let forwarding = t0.elapsed();
+    let _ = sub.disconnect().await;
+    sub_task.abort();
+
+    // 2. The ingest path.
+    let metrics = Arc::new(Metrics::default());
+    let pipeline = Pipeline::new(
+        PipelineConfig {
+            collect_events: false,
+            ..PipelineConfig::default()
+        },
+        store.clone(),
+        metrics.clone(),
+    );
+    let (_shutdown, shutdown_rx) = watch::channel(false);
+    let (tx, rx) = mpsc::channel(4000);
+    let client = ClientConfig {
+        url_host: addr.ip().to_string(),
+        port: addr.port(),
+        client_id: "tinyfleet-ingest-bench".into(),
+        username: Some(SERVICE.into()),
+        password: Some(SERVICE_PASSWORD.into()),
+        ..ClientConfig::default()
+    };
+    tokio::spawn(tinyfleet_ingest::source::run(
+        client,
+        None,
+        connections,
+        tx,
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(shell::run(
+        pipeline,
+        rx,
+        ShellConfig::default(),
+        Vec::new(),
+        shutdown_rx,
+    ));
+    // Wait until ingest is subscribed: a probe summary must come through.
+    // Boot 0: older than the measured messages' boot 2, so it makes none of them stale.
+    let probe = Arc::new(
+        messages(&fleet, 0, 1)
+            .into_iter()
+            .take(1)
+            .collect::<Vec<_>>(),
+    );
+    while metrics.accepted("summary") == 0 {
+        publish_all(&broker, &fleet, probe.clone(), 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let base = metrics.accepted("summary");
+    let t0 = Instant::now();
+    publish_all(&broker, &fleet, ingest_msgs, publishers).await;
+    while metrics.accepted("summary") < base + n || metrics.pending.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let ingest = t0.elapsed();
+    let commits = metrics.commits.load(Ordering::Relaxed);
+    let commit_ms = metrics.commit_seconds_sum_us.load(Ordering::Relaxed) as f64
+        / 1000.0
+        / commits.max(1) as f64;
+
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    println!("| path | messages | seconds | messages/s |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| forwarding (broker -> counting subscriber) | {n} | {:.2} | {:.0} |",
+        forwarding.as_secs_f64(),
+        rate(forwarding)
+    );
+    println!(
+        "| ingest (broker -> verify, decode, dedup, aggregate, commit, ack) | {n} | {:.2} | {:.0} |",
+        ingest.as_secs_f64(),
+        rate(ingest)
+    );
+    println!(
+        "ingest / forwarding = {:.0}%; {commits} store commits of {:.0} messages, {commit_ms:.2} ms each; rejected: {}",
+        100.0 * rate(ingest) / rate(forwarding),
+        n as f64 / commits.max(1) as f64,
+        metrics.rejected("forged") + metrics.rejected("bad_body") + metrics.rejected("duplicate")
+    );
+}
