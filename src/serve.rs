@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::RngCore;
 use tinyfleet_api::{ApiState, ApiToken, Role};
@@ -28,6 +29,10 @@ const SERVICE_USER: &str = "tinyfleet-service";
 struct FleetAuth {
     registry: Registry,
     service_password: String,
+    /// Devices are let in only once ingest holds its subscriptions: the broker would otherwise
+    /// acknowledge their first messages and drop them (rumqttd keeps nothing for filters nobody
+    /// subscribed to yet). Refused devices retry with backoff.
+    ingest_subscribed: Arc<AtomicBool>,
 }
 
 impl ConnectAuth for FleetAuth {
@@ -40,7 +45,9 @@ impl ConnectAuth for FleetAuth {
                 && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
         }
         // A device connects as itself: client id = username = device id.
-        client_id == username && self.registry.check_password(username, password)
+        self.ingest_subscribed.load(Ordering::SeqCst)
+            && client_id == username
+            && self.registry.check_password(username, password)
     }
 }
 
@@ -99,12 +106,14 @@ pub async fn serve(
     };
     let tokens = api_tokens(&config, &data_dir)?;
     let service_password = random_hex(24);
+    let ingest_subscribed = Arc::new(AtomicBool::new(false));
 
     let (client, mqtt_addr, share_group) = match (&config.broker, &config.mqtt) {
         (Some(broker), _) => {
             let auth = Arc::new(FleetAuth {
                 registry: store.registry().clone(),
                 service_password: service_password.clone(),
+                ingest_subscribed: ingest_subscribed.clone(),
             });
             let broker_config = broker.clone();
             let broker: EmbeddedBroker =
@@ -171,6 +180,7 @@ pub async fn serve(
         share_group,
         config.ingest.connections,
         tx,
+        ingest_subscribed.clone(),
         shutdown_rx.clone(),
     ));
     let shell_config = ShellConfig {
@@ -214,6 +224,15 @@ pub async fn serve(
             .await
     });
 
+    // Report ready once ingest holds its subscriptions (devices are let in from then on).
+    let wait_start = std::time::Instant::now();
+    while !ingest_subscribed.load(Ordering::SeqCst) {
+        if wait_start.elapsed() > std::time::Duration::from_secs(30) {
+            tracing::warn!("ingest has not subscribed to the broker after 30 s; still trying");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     // One machine-readable line: tests and scripts read the real ports from it.
     println!(
         "tinyfleet serving: mqtt={mqtt_addr} api=http://{api_addr} data={}",

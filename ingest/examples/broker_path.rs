@@ -239,6 +239,7 @@ async fn main() {
         None,
         connections,
         tx,
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
         shutdown_rx.clone(),
     ));
     tokio::spawn(shell::run(

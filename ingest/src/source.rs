@@ -10,6 +10,9 @@
 //! connections in one share group, and the shell commits as soon as most of the windows are
 //! used (`docs/benchmarks.md`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use tinyfleet_broker::client::{ClientConfig, ClientEvent, connect, shared};
 use tinyfleet_device::Kind;
 use tokio::sync::{mpsc, watch};
@@ -30,11 +33,16 @@ pub const DEFAULT_SHARE_GROUP: &str = "tinyfleet-ingest";
 
 /// Runs `connections` connections (client ids `{client_id}-{i}`, or `client_id` alone for one)
 /// until `shutdown` turns true. Several connections share one subscription group.
+///
+/// `subscribed` turns true once every connection holds all its subscriptions (the embedded
+/// broker lets devices in only then: a message published before ingest subscribed would be
+/// acknowledged to the device and dropped by the broker).
 pub async fn run(
     client: ClientConfig,
     share_group: Option<String>,
     connections: usize,
     tx: mpsc::Sender<Incoming>,
+    subscribed: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
 ) {
     let connections = connections.max(1);
@@ -43,16 +51,26 @@ pub async fn run(
         (None, 1) => None,
         (None, _) => Some(DEFAULT_SHARE_GROUP.to_owned()),
     };
+    let ready = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..connections {
         let mut c = client.clone();
         if connections > 1 {
             c.client_id = format!("{}-{i}", client.client_id);
         }
+        let on_subscribed = {
+            let (ready, subscribed) = (ready.clone(), subscribed.clone());
+            move || {
+                if ready.fetch_add(1, Ordering::SeqCst) + 1 == connections {
+                    subscribed.store(true, Ordering::SeqCst);
+                }
+            }
+        };
         tasks.push(tokio::spawn(run_one(
             c,
             group.clone(),
             tx.clone(),
+            on_subscribed,
             shutdown.clone(),
         )));
     }
@@ -66,8 +84,11 @@ async fn run_one(
     mut client: ClientConfig,
     share_group: Option<String>,
     tx: mpsc::Sender<Incoming>,
+    on_subscribed: impl FnOnce(),
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut on_subscribed = Some(on_subscribed);
+    let mut subacks = 0usize;
     client.clean_session = false;
     client.manual_acks = true;
     let (mqtt, mut conn) = connect(&client);
@@ -80,7 +101,11 @@ async fn run_one(
         tokio::select! {
             event = conn.next() => match event {
                 ClientEvent::Connected { session_present } => {
-                    if !session_present {
+                    if session_present {
+                        if let Some(f) = on_subscribed.take() {
+                            f();
+                        }
+                    } else {
                         for filter in &subscriptions {
                             if let Err(e) = mqtt.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce) {
                                 tracing::error!(%filter, error = %e, "subscribe request failed");
@@ -102,6 +127,14 @@ async fn run_one(
                     };
                     if tx.send(incoming).await.is_err() {
                         break;
+                    }
+                }
+                ClientEvent::Other(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    subacks += 1;
+                    if subacks >= subscriptions.len()
+                        && let Some(f) = on_subscribed.take()
+                    {
+                        f();
                     }
                 }
                 ClientEvent::Other(_) => {}

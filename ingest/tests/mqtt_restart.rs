@@ -59,6 +59,7 @@ fn start_ingest(store: &Store, broker: &EmbeddedBroker) -> Ingest {
         None,
         1,
         tx,
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
         shutdown_rx.clone(),
     ));
     let shell = tokio::spawn(shell::run(
