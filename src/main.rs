@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod config;
+mod devices;
 mod serve;
 use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
 use tinyfleet_device::wire::{self, DeviceId, Kind, Topic};
@@ -37,6 +38,13 @@ enum Command {
         #[arg(long)]
         data_dir: Option<std::path::PathBuf>,
     },
+    /// Provision, list, show and revoke devices through the API.
+    Device {
+        #[command(flatten)]
+        api: devices::ApiArgs,
+        #[command(subcommand)]
+        command: devices::DeviceCommand,
+    },
     /// Run a simulated fleet through the device client and the backend's verify/decode stage.
     Demo {
         /// Number of simulated devices.
@@ -62,6 +70,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve { config, data_dir } => run_serve(config.as_deref(), data_dir),
+        Command::Device { api, command } => devices::run(&api, command),
         Command::Demo {
             devices,
             inferences,

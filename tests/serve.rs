@@ -279,3 +279,39 @@ fn summaries_reach_the_time_series_store() {
     let presence = vm.export("tf_presence_online");
     assert!(presence.contains("\"reason\":\"hello\""), "{presence}");
 }
+
+#[test]
+fn devices_are_managed_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), "");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tinyfleet"))
+            .arg("device")
+            .args(["--api", &server.api, "--token", TOKEN])
+            .args(args)
+            .output()
+            .expect("tinyfleet device");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = cli(&["--json", "add", "cli-1", "--tag", "site=roof"]);
+    assert!(ok, "{stderr}");
+    let creds: serde_json::Value = serde_json::from_str(&stdout).expect("json credentials");
+    assert_eq!(creds["mqtt_password"].as_str().map(str::len), Some(64));
+    let (ok, stdout, _) = cli(&["list", "--tag", "site=roof"]);
+    assert!(
+        ok && stdout.contains("cli-1") && stdout.contains("unseen"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = cli(&["add", "cli-1"]);
+    assert!(!ok && stderr.contains("409"), "{stderr}");
+    let (ok, stdout, _) = cli(&["revoke", "cli-1"]);
+    assert!(ok && stdout.contains("revoked cli-1"));
+    let (ok, stdout, _) = cli(&["list", "--state", "revoked"]);
+    assert!(ok && stdout.contains("cli-1"), "{stdout}");
+    let (ok, _, stderr) = cli(&["show", "nope"]);
+    assert!(!ok && stderr.contains("404"), "{stderr}");
+}

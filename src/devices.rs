@@ -1,0 +1,156 @@
+//! `tinyfleet device ...`: the device registry from a terminal, over the HTTP API.
+
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// API base URL.
+    #[arg(long, env = "TINYFLEET_API", default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// Bearer token (or the TINYFLEET_TOKEN environment variable).
+    #[arg(long, env = "TINYFLEET_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Register a device; prints its MQTT password and message key (shown only this once).
+    Add {
+        id: String,
+        /// User tag, `key=value`; repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// List devices.
+    List {
+        #[arg(long)]
+        cohort: Option<String>,
+        /// `key=value`
+        #[arg(long)]
+        tag: Option<String>,
+        /// online, offline, unseen or revoked
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one device: registry record, presence and latest health.
+    Show { id: String },
+    /// Revoke a device: its connections and messages are refused from now on.
+    Revoke { id: String },
+}
+
+fn call(req: reqwest::blocking::RequestBuilder, token: &str) -> Result<serde_json::Value, String> {
+    let resp = req
+        .bearer_auth(token)
+        .send()
+        .map_err(|e| format!("cannot reach the API: {e}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().unwrap_or(serde_json::Value::Null);
+    if status.is_success() {
+        Ok(body)
+    } else {
+        let msg = body["error"].as_str().unwrap_or("no details");
+        Err(format!("API answered {status}: {msg}"))
+    }
+}
+
+pub fn run(api: &ApiArgs, command: DeviceCommand) -> Result<(), String> {
+    let client = reqwest::blocking::Client::new();
+    let base = api.api.trim_end_matches('/');
+    match command {
+        DeviceCommand::Add { id, tags } => {
+            let mut map = serde_json::Map::new();
+            for t in tags {
+                let (k, v) = t
+                    .split_once('=')
+                    .ok_or_else(|| format!("--tag {t:?} must be key=value"))?;
+                map.insert(k.to_owned(), v.into());
+            }
+            let body = serde_json::json!({ "id": id, "tags": map });
+            let creds = call(
+                client.post(format!("{base}/api/v1/devices")).json(&body),
+                &api.token,
+            )?;
+            if api.json {
+                println!("{creds}");
+            } else {
+                println!(
+                    "device        {}",
+                    creds["device_id"].as_str().unwrap_or("")
+                );
+                println!(
+                    "mqtt password {}",
+                    creds["mqtt_password"].as_str().unwrap_or("")
+                );
+                println!("message key   {}", creds["mac_key"].as_str().unwrap_or(""));
+                println!("Store these on the device now: they are not shown again.");
+            }
+        }
+        DeviceCommand::List {
+            cohort,
+            tag,
+            state,
+            limit,
+        } => {
+            let mut query: Vec<(&str, String)> = vec![("limit", limit.to_string())];
+            query.extend(cohort.map(|c| ("cohort", c)));
+            query.extend(tag.map(|t| ("tag", t)));
+            query.extend(state.map(|s| ("state", s)));
+            let page = call(
+                client.get(format!("{base}/api/v1/devices")).query(&query),
+                &api.token,
+            )?;
+            if api.json {
+                println!("{page}");
+            } else {
+                println!(
+                    "{:<24} {:<8} {:<32} {:>6}",
+                    "DEVICE", "STATE", "COHORT", "LOST"
+                );
+                for d in page["devices"].as_array().into_iter().flatten() {
+                    let state = if d["revoked"] == true {
+                        "revoked"
+                    } else if d["online"] == true {
+                        "online"
+                    } else if d["last_seen_ms"].is_null() {
+                        "unseen"
+                    } else {
+                        "offline"
+                    };
+                    println!(
+                        "{:<24} {:<8} {:<32} {:>6}",
+                        d["id"].as_str().unwrap_or(""),
+                        state,
+                        d["cohort"].as_str().unwrap_or("-"),
+                        d["lost_summaries"]
+                    );
+                }
+                if let Some(next) = page["next"].as_str() {
+                    println!("(more after {next})");
+                }
+            }
+        }
+        DeviceCommand::Show { id } => {
+            let d = call(
+                client.get(format!("{base}/api/v1/devices/{id}")),
+                &api.token,
+            )?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&d).map_err(|e| e.to_string())?
+            );
+        }
+        DeviceCommand::Revoke { id } => {
+            call(
+                client.post(format!("{base}/api/v1/devices/{id}/revoke")),
+                &api.token,
+            )?;
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
