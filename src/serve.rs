@@ -9,47 +9,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::RngCore;
 use tinyfleet_api::{ApiState, ApiToken, Role};
+use tinyfleet_broker::EmbeddedBroker;
 use tinyfleet_broker::client::ClientConfig;
-use tinyfleet_broker::{ConnectAuth, EmbeddedBroker};
+use tinyfleet_ingest::auth::{FleetAuth, SERVICE_USER};
 use tinyfleet_ingest::influx::InfluxEvents;
 use tinyfleet_ingest::metrics::Metrics;
 use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
 use tinyfleet_ingest::shell::{self, EventSink, ShellConfig};
 use tinyfleet_sink_influx::InfluxSink;
-use tinyfleet_store::{Registry, Store};
+use tinyfleet_store::Store;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-
-/// The account ingest (and later OTA) use on the embedded broker.
-const SERVICE_USER: &str = "tinyfleet-service";
-
-/// CONNECT authentication on the embedded broker: devices by registry, services by a password
-/// generated at each start (it never leaves the process).
-struct FleetAuth {
-    registry: Registry,
-    service_password: String,
-    /// Devices are let in only once ingest holds its subscriptions: the broker would otherwise
-    /// acknowledge their first messages and drop them (rumqttd keeps nothing for filters nobody
-    /// subscribed to yet). Refused devices retry with backoff.
-    ingest_subscribed: Arc<AtomicBool>,
-}
-
-impl ConnectAuth for FleetAuth {
-    fn authenticate(&self, client_id: &str, username: &str, password: &str) -> bool {
-        if username == SERVICE_USER {
-            let a = password.as_bytes();
-            let b = self.service_password.as_bytes();
-            return client_id.starts_with("tinyfleet-")
-                && a.len() == b.len()
-                && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
-        }
-        // A device connects as itself: client id = username = device id.
-        self.ingest_subscribed.load(Ordering::SeqCst)
-            && client_id == username
-            && self.registry.check_password(username, password)
-    }
-}
 
 fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
@@ -113,7 +84,7 @@ pub async fn serve(
             let auth = Arc::new(FleetAuth {
                 registry: store.registry().clone(),
                 service_password: service_password.clone(),
-                ingest_subscribed: ingest_subscribed.clone(),
+                devices_allowed: ingest_subscribed.clone(),
             });
             let broker_config = broker.clone();
             let broker: EmbeddedBroker =

@@ -15,29 +15,18 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tinyfleet_broker::client::ClientConfig;
-use tinyfleet_broker::{BrokerConfig, ConnectAuth, EmbeddedBroker};
+use tinyfleet_broker::{BrokerConfig, EmbeddedBroker};
 use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
 use tinyfleet_device::wire::{DeviceId, Kind, Topic};
 use tinyfleet_device::{DeviceKey, ReferenceMonitor};
+use tinyfleet_ingest::auth::{FleetAuth, SERVICE_USER};
 use tinyfleet_ingest::metrics::Metrics;
 use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
 use tinyfleet_ingest::shell::{self, ShellConfig};
-use tinyfleet_store::{Registry, Store};
+use tinyfleet_store::Store;
 use tokio::sync::{mpsc, watch};
 
-const SERVICE: &str = "tinyfleet-service";
 const SERVICE_PASSWORD: &str = "bench-service-password";
-
-struct Auth(Registry);
-
-impl ConnectAuth for Auth {
-    fn authenticate(&self, client_id: &str, username: &str, password: &str) -> bool {
-        if username == SERVICE {
-            return password == SERVICE_PASSWORD;
-        }
-        client_id == username && self.0.check_password(username, password)
-    }
-}
 
 struct Fleet {
     ids: Vec<String>,
@@ -167,7 +156,11 @@ async fn main() {
         listen: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
         ..BrokerConfig::default()
     };
-    let auth = Arc::new(Auth(store.registry().clone()));
+    let auth = Arc::new(FleetAuth {
+        registry: store.registry().clone(),
+        service_password: SERVICE_PASSWORD.into(),
+        devices_allowed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    });
     let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&broker_config, auth))
         .await
         .unwrap_or_else(|e| panic!("{e}"))
@@ -186,7 +179,7 @@ async fn main() {
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
     let mut opts = MqttOptions::new("tinyfleet-counter", addr.ip().to_string(), addr.port());
-    opts.set_credentials(SERVICE, SERVICE_PASSWORD);
+    opts.set_credentials(SERVICE_USER, SERVICE_PASSWORD);
     opts.set_max_packet_size(20_000, 20_000);
     let (sub, mut sub_loop) = AsyncClient::new(opts, 1000);
     let (subscribed_tx, mut subscribed) = mpsc::channel(1);
@@ -230,7 +223,7 @@ async fn main() {
         url_host: addr.ip().to_string(),
         port: addr.port(),
         client_id: "tinyfleet-ingest-bench".into(),
-        username: Some(SERVICE.into()),
+        username: Some(SERVICE_USER.into()),
         password: Some(SERVICE_PASSWORD.into()),
         ..ClientConfig::default()
     };

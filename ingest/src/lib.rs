@@ -13,6 +13,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod aggregate;
+pub mod auth;
 pub mod decode;
 pub mod dedup;
 pub mod influx;

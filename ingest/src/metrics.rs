@@ -173,7 +173,7 @@ impl Metrics {
                 load(&self.rejected[i])
             );
         }
-        let gauges: [(&str, &str, &str, i64); 7] = [
+        let gauges: [(&str, &str, &str, i64); 6] = [
             (
                 "tinyfleet_ingest_lost_summaries_total",
                 "counter",
@@ -191,12 +191,6 @@ impl Metrics {
                 "counter",
                 "Store transactions that failed (retried).",
                 load(&self.commit_errors) as i64,
-            ),
-            (
-                "tinyfleet_ingest_commit_seconds_sum",
-                "counter",
-                "Time spent committing, in microseconds / 1e6.",
-                load(&self.commit_seconds_sum_us) as i64,
             ),
             (
                 "tinyfleet_ingest_pending_messages",
@@ -218,19 +212,18 @@ impl Metrics {
             ),
         ];
         for (name, kind, help, value) in gauges {
-            if name == "tinyfleet_ingest_commit_seconds_sum" {
-                let _ = writeln!(
-                    s,
-                    "# HELP {name} Time spent committing to the store.\n# TYPE {name} {kind}\n{name} {:.6}",
-                    value as f64 / 1e6
-                );
-            } else {
-                let _ = writeln!(
-                    s,
-                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-                );
-            }
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
+        let _ = writeln!(
+            s,
+            "# HELP tinyfleet_ingest_commit_seconds_total Time spent committing to the store.\n\
+             # TYPE tinyfleet_ingest_commit_seconds_total counter\n\
+             tinyfleet_ingest_commit_seconds_total {:.6}",
+            load(&self.commit_seconds_sum_us) as f64 / 1e6
+        );
         s
     }
 }

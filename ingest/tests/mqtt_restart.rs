@@ -12,29 +12,18 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tinyfleet_broker::client::ClientConfig;
-use tinyfleet_broker::{BrokerConfig, ConnectAuth, EmbeddedBroker};
+use tinyfleet_broker::{BrokerConfig, EmbeddedBroker};
 use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
 use tinyfleet_device::wire::{DeviceId, Kind, Topic};
 use tinyfleet_device::{DeviceKey, ReferenceMonitor};
+use tinyfleet_ingest::auth::{FleetAuth, SERVICE_USER};
 use tinyfleet_ingest::metrics::Metrics;
 use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
 use tinyfleet_ingest::shell::{self, ShellConfig};
-use tinyfleet_store::{Registry, Store};
+use tinyfleet_store::Store;
 use tokio::sync::{mpsc, watch};
 
-const SERVICE: &str = "tinyfleet-service";
 const SERVICE_PASSWORD: &str = "test-service-password";
-
-struct Auth(Registry);
-
-impl ConnectAuth for Auth {
-    fn authenticate(&self, client_id: &str, username: &str, password: &str) -> bool {
-        if username == SERVICE {
-            return password == SERVICE_PASSWORD;
-        }
-        client_id == username && self.0.check_password(username, password)
-    }
-}
 
 struct Ingest {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -50,7 +39,7 @@ fn start_ingest(store: &Store, broker: &EmbeddedBroker) -> Ingest {
         url_host: broker.local_addr().ip().to_string(),
         port: broker.local_addr().port(),
         client_id: "tinyfleet-ingest-test".into(),
-        username: Some(SERVICE.into()),
+        username: Some(SERVICE_USER.into()),
         password: Some(SERVICE_PASSWORD.into()),
         ..ClientConfig::default()
     };
@@ -183,7 +172,11 @@ async fn ingest_crash_loses_no_acknowledged_summary() {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..BrokerConfig::default()
     };
-    let auth = Arc::new(Auth(store.registry().clone()));
+    let auth = Arc::new(FleetAuth {
+        registry: store.registry().clone(),
+        service_password: SERVICE_PASSWORD.into(),
+        devices_allowed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    });
     let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&broker_config, auth))
         .await
         .unwrap()
