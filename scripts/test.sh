@@ -32,6 +32,9 @@ cargo fmt --all --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "optional features build: the broker's TLS listener"
+cargo clippy -p tinyfleet-broker --features tls --all-targets --locked -- -D warnings
+
 step "device client on bare metal (thumbv7em-none-eabihf), each feature set"
 if rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
   for features in "" "log" "defmt"; do
