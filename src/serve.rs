@@ -158,6 +158,11 @@ pub async fn serve(
         max_batch: config.ingest.max_batch,
         flush_interval: std::time::Duration::from_millis(config.ingest.flush_ms),
         retention: std::time::Duration::from_secs(config.ingest.retention_days * 86_400),
+        journal: config
+            .ingest
+            .journal
+            .then(|| data_dir.join("ingest.journal")),
+        checkpoint_interval: std::time::Duration::from_millis(config.ingest.checkpoint_ms),
         ..ShellConfig::default()
     };
     let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();

@@ -6,7 +6,7 @@
 //!
 //! Reports messages per second for each and their ratio (docs/benchmarks.md).
 //!
-//! cargo run --release -p tinyfleet-ingest --example broker_path -- [devices] [summaries per device] [publishers] [ingest connections]
+//! cargo run --release -p tinyfleet-ingest --example broker_path -- [devices] [summaries per device] [publishers] [ingest connections] [journal 1|0]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -129,7 +129,9 @@ async fn main() {
     let devices = args.first().copied().unwrap_or(2000);
     let per_device = args.get(1).copied().unwrap_or(25);
     let publishers = args.get(2).copied().unwrap_or(8).min(devices);
-    let connections = args.get(3).copied().unwrap_or(4);
+    let connections = args.get(3).copied().unwrap_or(1);
+    // 5th argument: 1 = journal mode (ack after the journal's fsync), 0 = commit every batch.
+    let journal = args.get(4).copied().unwrap_or(1) == 1;
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("store: {e}"));
     let mut fleet = Fleet {
@@ -172,7 +174,7 @@ async fn main() {
     let n = forwarding_msgs.len() as u64;
     let size = forwarding_msgs.iter().map(|m| m.1.len()).sum::<usize>() / n.max(1) as usize;
     println!(
-        "{devices} devices x {per_device} summaries = {n} messages of ~{size} bytes, {publishers} publisher connections, {connections} ingest connections"
+        "{devices} devices x {per_device} summaries = {n} messages of ~{size} bytes, {publishers} publisher connections, {connections} ingest connections, journal {journal}"
     );
 
     // 1. Plain forwarding to a subscriber that does nothing but count.
@@ -238,7 +240,10 @@ async fn main() {
     tokio::spawn(shell::run(
         pipeline,
         rx,
-        ShellConfig::default(),
+        ShellConfig {
+            journal: journal.then(|| dir.path().join("ingest.journal")),
+            ..ShellConfig::default()
+        },
         Vec::new(),
         shutdown_rx,
     ));
@@ -274,8 +279,13 @@ async fn main() {
         forwarding.as_secs_f64(),
         rate(forwarding)
     );
+    let mode = if journal {
+        "verify, decode, dedup, aggregate, journal fsync, ack; checkpoint each second"
+    } else {
+        "verify, decode, dedup, aggregate, commit, ack"
+    };
     println!(
-        "| ingest (broker -> verify, decode, dedup, aggregate, commit, ack) | {n} | {:.2} | {:.0} |",
+        "| ingest (broker -> {mode}) | {n} | {:.2} | {:.0} |",
         ingest.as_secs_f64(),
         rate(ingest)
     );

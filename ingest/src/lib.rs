@@ -17,6 +17,7 @@ pub mod auth;
 pub mod decode;
 pub mod dedup;
 pub mod influx;
+pub mod journal;
 pub mod metrics;
 pub mod pipeline;
 pub mod shell;

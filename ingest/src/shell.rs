@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use tinyfleet_broker::client::{AckToken, Acker};
 use tokio::sync::{mpsc, watch};
 
+use crate::journal::Journal;
+use crate::metrics::Metrics;
 use crate::pipeline::{Events, Pipeline};
 
 /// One message from the broker, with the way to acknowledge it.
@@ -55,6 +57,11 @@ pub struct ShellConfig {
     pub housekeeping_interval: Duration,
     /// Windows older than this are deleted.
     pub retention: Duration,
+    /// Journal mode: acknowledge after an fsync'd append to this file and checkpoint to the
+    /// store every `checkpoint_interval` ([`crate::journal`]). `None`: commit every batch to
+    /// the store before acknowledging it.
+    pub journal: Option<std::path::PathBuf>,
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for ShellConfig {
@@ -64,6 +71,8 @@ impl Default for ShellConfig {
             flush_interval: Duration::from_millis(100),
             housekeeping_interval: Duration::from_secs(30),
             retention: Duration::from_secs(30 * 24 * 3600),
+            journal: None,
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -80,19 +89,36 @@ pub async fn run(
     let mut tick = tokio::time::interval(config.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_housekeeping = Instant::now();
+    let mut last_checkpoint = Instant::now();
     let metrics = pipeline.metrics().clone();
+    let journal = match &config.journal {
+        Some(path) => match open_and_replay(path, &mut pipeline).await {
+            Ok(j) => {
+                checkpoint(&mut pipeline, &j, &sinks).await;
+                Some(j)
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e,
+                    "cannot use the ingest journal; committing every batch instead");
+                None
+            }
+        },
+        None => None,
+    };
+    let mut encoded: Vec<u8> = Vec::new();
     loop {
         let mut closing = false;
+        let journaling = journal.is_some();
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(m) => {
-                    apply(&mut pipeline, &mut acks, m);
-                    // Greedy batching: take whatever else is already waiting, then commit. Under
-                    // load a batch is what arrived during the previous commit; idle, a message
-                    // is committed and acknowledged at once.
+                    apply(&mut pipeline, &mut acks, journaling.then_some(&mut encoded), m);
+                    // Greedy batching: take whatever else is already waiting, then make it
+                    // durable. Under load a batch is what arrived meanwhile; idle, a message is
+                    // made durable and acknowledged at once.
                     while acks.len() < config.max_batch {
                         match rx.try_recv() {
-                            Ok(m) => apply(&mut pipeline, &mut acks, m),
+                            Ok(m) => apply(&mut pipeline, &mut acks, journaling.then_some(&mut encoded), m),
                             Err(_) => break,
                         }
                     }
@@ -115,14 +141,107 @@ pub async fn run(
                 Ok(Ok(_)) => {}
             }
         }
-        commit(&mut pipeline, &mut acks, &sinks).await;
+        match &journal {
+            Some(j) => {
+                if !encoded.is_empty() {
+                    append_durably(j, std::mem::take(&mut encoded), &metrics).await;
+                }
+                send_acks(&mut acks, &metrics).await;
+                if closing || last_checkpoint.elapsed() >= config.checkpoint_interval {
+                    last_checkpoint = Instant::now();
+                    checkpoint(&mut pipeline, j, &sinks).await;
+                }
+            }
+            None => commit(&mut pipeline, &mut acks, &sinks).await,
+        }
         if closing || *shutdown.borrow() {
             break;
         }
     }
 }
 
-fn apply(pipeline: &mut Pipeline, acks: &mut Vec<(Acker, AckToken)>, m: Incoming) {
+type SharedJournal = Arc<std::sync::Mutex<Journal>>;
+
+fn lock(j: &SharedJournal) -> std::sync::MutexGuard<'_, Journal> {
+    j.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Opens the journal and applies what it holds (messages since the last checkpoint).
+async fn open_and_replay(
+    path: &std::path::Path,
+    pipeline: &mut Pipeline,
+) -> std::io::Result<SharedJournal> {
+    let path = path.to_owned();
+    let (journal, records) = tokio::task::spawn_blocking(move || {
+        let mut j = Journal::open(&path)?;
+        let records = j.read_all()?;
+        Ok::<_, std::io::Error>((j, records))
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    if !records.is_empty() {
+        tracing::info!(records = records.len(), "replaying the ingest journal");
+    }
+    for r in records {
+        pipeline.handle(&r.topic, &r.payload, r.received_ms);
+    }
+    Ok(Arc::new(std::sync::Mutex::new(journal)))
+}
+
+/// Appends and fsyncs, retrying with backoff until it works; nothing is acknowledged before.
+async fn append_durably(journal: &SharedJournal, encoded: Vec<u8>, metrics: &Metrics) {
+    let encoded = Arc::new(encoded);
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let (j, e) = (journal.clone(), encoded.clone());
+        match tokio::task::spawn_blocking(move || lock(&j).append(&e)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "journal append failed; nothing acknowledged, retrying")
+            }
+            Err(err) => tracing::error!(error = %err, "journal task failed; retrying"),
+        }
+        metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Commits the pipeline's state, then empties the journal it covers.
+async fn checkpoint(
+    pipeline: &mut Pipeline,
+    journal: &SharedJournal,
+    sinks: &[Arc<dyn EventSink>],
+) {
+    commit(pipeline, &mut Vec::new(), sinks).await;
+    let j = journal.clone();
+    match tokio::task::spawn_blocking(move || lock(&j).truncate()).await {
+        Ok(Ok(())) => {}
+        // Harmless: the next replay re-applies checkpointed messages as duplicates.
+        Ok(Err(e)) => tracing::warn!(error = %e, "journal truncate failed"),
+        Err(e) => tracing::warn!(error = %e, "journal truncate task failed"),
+    }
+}
+
+/// Sends acknowledgements in receive order (see `Acker`).
+async fn send_acks(acks: &mut Vec<(Acker, AckToken)>, metrics: &Metrics) {
+    for (acker, token) in acks.drain(..) {
+        if let Err(e) = acker.ack(token).await {
+            tracing::warn!(error = %e, "acknowledgement not sent; the broker will redeliver");
+        }
+    }
+    metrics.pending.store(0, Ordering::Relaxed);
+}
+
+fn apply(
+    pipeline: &mut Pipeline,
+    acks: &mut Vec<(Acker, AckToken)>,
+    journal: Option<&mut Vec<u8>>,
+    m: Incoming,
+) {
+    if let Some(buf) = journal {
+        crate::journal::encode(buf, m.received_ms, &m.topic, &m.payload);
+    }
     pipeline.handle(&m.topic, &m.payload, m.received_ms);
     if let Some(ack) = m.ack {
         acks.push(ack);
@@ -170,12 +289,7 @@ async fn commit(
     }
     // In receive order; the acker holds back any that would overtake an earlier message and
     // drops those of a connection that has since ended (the broker redelivers them).
-    for (acker, token) in acks.drain(..) {
-        if let Err(e) = acker.ack(token).await {
-            tracing::warn!(error = %e, "acknowledgement not sent; the broker will redeliver");
-        }
-    }
-    metrics.pending.store(0, Ordering::Relaxed);
+    send_acks(acks, &metrics).await;
     pipeline.evict_old_windows(tinyfleet_store::now_ms());
     for sink in sinks {
         sink.publish(&events);

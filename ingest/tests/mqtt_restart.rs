@@ -30,7 +30,11 @@ struct Ingest {
     _shutdown: watch::Sender<bool>,
 }
 
-fn start_ingest(store: &Store, broker: &EmbeddedBroker) -> Ingest {
+fn start_ingest(
+    store: &Store,
+    broker: &EmbeddedBroker,
+    journal: Option<&std::path::Path>,
+) -> Ingest {
     let metrics = Arc::new(Metrics::default());
     let pipeline = Pipeline::new(PipelineConfig::default(), store.clone(), metrics);
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -58,6 +62,8 @@ fn start_ingest(store: &Store, broker: &EmbeddedBroker) -> Ingest {
             // Small batches, so that a crash lands between commits with work in flight.
             max_batch: 7,
             flush_interval: Duration::from_millis(30),
+            journal: journal.map(ToOwned::to_owned),
+            checkpoint_interval: Duration::from_millis(40),
             ..ShellConfig::default()
         },
         Vec::new(),
@@ -166,7 +172,20 @@ async fn wait_for_counts(store: &Store, ids: &[&str], want: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_crash_loses_no_acknowledged_summary() {
+    crash_and_restart(false).await;
+}
+
+/// Journal mode: acknowledged after the journal's fsync, checkpointed to SQLite later; the crash
+/// lands between checkpoints, so the restart must replay the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_crash_in_journal_mode_loses_no_acknowledged_summary() {
+    crash_and_restart(true).await;
+}
+
+async fn crash_and_restart(journaling: bool) {
     let dir = tempfile::tempdir().unwrap();
+    let journal_path = dir.path().join("ingest.journal");
+    let journal = journaling.then_some(journal_path.as_path());
     let store = Store::open(dir.path()).unwrap();
     let broker_config = BrokerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -187,7 +206,7 @@ async fn ingest_crash_loses_no_acknowledged_summary() {
         devices.push(Device::connect(&store, &broker, id).await);
     }
 
-    let ingest = start_ingest(&store, &broker);
+    let ingest = start_ingest(&store, &broker, journal);
     // Ingest's first subscription creates its persistent session; nothing published before it
     // exists can be delivered. Wait for it: publish until a summary arrives.
     let mut probe = Device::connect(&store, &broker, "probe").await;
@@ -215,7 +234,7 @@ async fn ingest_crash_loses_no_acknowledged_summary() {
     }
 
     // A new ingest with the same client id resumes the persistent session.
-    let ingest = start_ingest(&store, &broker);
+    let ingest = start_ingest(&store, &broker, journal);
     wait_for_counts(&store, &ids, 40).await;
     for id in ids {
         let s = store.device_state(id).unwrap().unwrap();
