@@ -247,8 +247,9 @@ fn demo(n_devices: u32, inferences: usize, windows: u32) -> Result<(), String> {
     }
     println!();
     println!(
-        "Not yet in this build: the MQTT broker, storage, drift statistics, alerts and OTA \
-         (see `issues`)."
+        "This demo runs the device client and ingest's decoder in one process. `tinyfleet serve` \
+         runs the MQTT broker, ingest, the SQLite store and the API; drift statistics, alerts, \
+         OTA and the dashboards are not built yet (see `issues`)."
     );
     Ok(())
 }
