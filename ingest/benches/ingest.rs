@@ -67,6 +67,18 @@ fn messages(store: &Store) -> Vec<(String, Vec<u8>)> {
     all
 }
 
+/// A pipeline that keeps no sink events, as `serve` runs it without sinks.
+fn new_pipeline(store: &Store) -> Pipeline {
+    Pipeline::new(
+        PipelineConfig {
+            collect_events: false,
+            ..PipelineConfig::default()
+        },
+        store.clone(),
+        Arc::new(Metrics::default()),
+    )
+}
+
 fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
@@ -87,26 +99,12 @@ fn bench(c: &mut Criterion) {
     // Each message is accepted once; replays would only measure the duplicate path, so the
     // pipeline is rebuilt (cheaply) when the messages run out.
     let now = 1_764_000_000_000;
-    let mut pipeline = Pipeline::new(
-        PipelineConfig {
-            collect_events: false,
-            ..PipelineConfig::default()
-        },
-        store.clone(),
-        Arc::new(Metrics::default()),
-    );
+    let mut pipeline = new_pipeline(&store);
     let mut i = 0;
     group.bench_function("pipeline", |b| {
         b.iter(|| {
             if i == msgs.len() {
-                pipeline = Pipeline::new(
-                    PipelineConfig {
-                        collect_events: false,
-                        ..PipelineConfig::default()
-                    },
-                    store.clone(),
-                    Arc::new(Metrics::default()),
-                );
+                pipeline = new_pipeline(&store);
                 i = 0;
             }
             let (t, m) = &msgs[i];
@@ -128,14 +126,7 @@ fn bench(c: &mut Criterion) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
         let msgs = messages(&store);
-        let mut pipeline = Pipeline::new(
-            PipelineConfig {
-                collect_events: false,
-                ..PipelineConfig::default()
-            },
-            store.clone(),
-            Arc::new(Metrics::default()),
-        );
+        let mut pipeline = new_pipeline(&store);
         let mut chunks = msgs.chunks(1000).cycle();
         b.iter_batched(
             || {

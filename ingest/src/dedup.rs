@@ -30,32 +30,23 @@ pub enum Verdict {
 
 /// Decides on `(boot, seq)` against the stored window (`None` for the first message ever).
 pub fn check(window: Option<ReplayWindow>, boot: u32, seq: u32) -> Verdict {
-    let Some(w) = window else {
-        return Verdict::Accept {
-            window: ReplayWindow {
-                boot,
-                max_seq: seq,
-                bitmap: 1,
-            },
-            // Sequence numbers start at 0 in every boot.
-            lost: seq,
-            filled: false,
-        };
+    let w = match window {
+        Some(w) if boot < w.boot => return Verdict::StaleBoot,
+        Some(w) if boot == w.boot => w,
+        // The first message ever, or the first of a newer boot: a fresh window. Sequence
+        // numbers start at 0 in every boot, so `seq` messages before this one were lost.
+        _ => {
+            return Verdict::Accept {
+                window: ReplayWindow {
+                    boot,
+                    max_seq: seq,
+                    bitmap: 1,
+                },
+                lost: seq,
+                filled: false,
+            };
+        }
     };
-    if boot < w.boot {
-        return Verdict::StaleBoot;
-    }
-    if boot > w.boot {
-        return Verdict::Accept {
-            window: ReplayWindow {
-                boot,
-                max_seq: seq,
-                bitmap: 1,
-            },
-            lost: seq,
-            filled: false,
-        };
-    }
     if seq > w.max_seq {
         let ahead = seq - w.max_seq;
         let bitmap = if ahead >= 64 {

@@ -1,9 +1,8 @@
 //! Ingest: turns MQTT messages from devices into verified, decoded fleet events.
 //!
 //! The pipeline is `source -> verify -> decode -> dedup -> aggregate -> sinks`, each stage a
-//! plain component with direct tests; async shells only drive them. This crate holds the first
-//! stages ([`decode`]: topic routing, authentication and strict decoding); deduplication,
-//! aggregation and sinks build on it.
+//! plain component with direct tests ([`decode`], [`dedup`], [`aggregate`], tied together by
+//! [`pipeline`]); the async [`shell`] and [`source`] only drive them.
 //!
 //! Invariants:
 //! - A message is trusted only after its COSE_Mac0 tag verifies under the key of the device

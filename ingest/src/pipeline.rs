@@ -441,19 +441,6 @@ impl Pipeline {
             .retain(|k, _| k.1 >= keep_from || self.dirty_cohort_windows.contains(k));
     }
 
-    /// Drops every cache (after a failed commit the store is the truth again).
-    pub fn reset_caches(&mut self) {
-        self.replay.clear();
-        self.states.clear();
-        self.device_windows.clear();
-        self.cohort_windows.clear();
-        self.dirty_replay.clear();
-        self.dirty_states.clear();
-        self.dirty_device_windows.clear();
-        self.dirty_cohort_windows.clear();
-        self.events = Events::default();
-    }
-
     pub fn store(&self) -> &Store {
         &self.store
     }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use hmac::{KeyInit, Mac};
 use rand::RngCore;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tinyfleet_device::{DeviceId, DeviceKey};
@@ -268,23 +268,6 @@ impl Registry {
             .get(id)
             .map(|e| e.record.tags.clone())
             .unwrap_or_default()
-    }
-
-    /// Number of registered devices, revoked ones included.
-    pub fn len(&self) -> usize {
-        read(&self.devices).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether the device row exists in the database (for tests and consistency checks).
-    pub fn exists_in_db(&self, id: &str) -> Result<bool> {
-        Ok(lock(&self.conn)
-            .query_row("SELECT 1 FROM devices WHERE id = ?1", [id], |_| Ok(()))
-            .optional()?
-            .is_some())
     }
 }
 

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::registry::{Registry, lock};
-use crate::{Result, StoreError, now_ms};
+use crate::{Result, StoreError};
 
 /// A device's replay window for one message kind: the newest `(boot, seq)` and a bitmap of the
 /// 64 sequence numbers below it that were seen (bit 0 = `max_seq`).
@@ -555,11 +555,6 @@ impl Store {
             .prepare_cached("SELECT id FROM device_state WHERE online = 1 AND last_seen_ms < ?1")?;
         let rows = st.query_map([before_ms], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    /// Now, in the store's clock (milliseconds since the epoch).
-    pub fn now_ms(&self) -> i64 {
-        now_ms()
     }
 }
 

@@ -38,7 +38,6 @@ pub struct Server {
     pub mqtt: SocketAddr,
     pub api: String,
     pub data_dir: PathBuf,
-    config_path: PathBuf,
 }
 
 impl Server {
@@ -90,7 +89,6 @@ impl Server {
             mqtt: field("mqtt=").parse().expect("mqtt address"),
             api: field("api="),
             data_dir: data_dir.to_owned(),
-            config_path,
         }
     }
 
@@ -103,12 +101,6 @@ impl Server {
             self.child.try_wait().ok().flatten()
         });
         assert!(status.success(), "serve exited with {status}");
-    }
-
-    /// SIGKILL: no chance to commit anything.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 
     /// Starts again on the same data directory and configuration.
@@ -187,7 +179,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = &self.config_path;
     }
 }
 
