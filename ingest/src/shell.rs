@@ -106,6 +106,9 @@ pub async fn run(
         None => None,
     };
     let mut encoded: Vec<u8> = Vec::new();
+    // Journal mode keeps one append in flight while the next batch is received and applied, so
+    // the broker's in-flight window (100 messages in rumqttd) holds two batches instead of one.
+    let mut flushing: Option<Flush> = None;
     loop {
         let mut closing = false;
         let journaling = journal.is_some();
@@ -126,6 +129,16 @@ pub async fn run(
                 }
                 None => closing = true,
             },
+            done = async {
+                match flushing.as_mut() {
+                    Some(f) => (&mut f.task).await,
+                    None => std::future::pending().await,
+                }
+            }, if flushing.is_some() => {
+                if let (Some(f), Some(j)) = (flushing.take(), &journal) {
+                    flushing = f.finished(done, j, &metrics).await;
+                }
+            }
             _ = tick.tick() => {}
             _ = shutdown.changed() => closing = true,
         }
@@ -143,19 +156,91 @@ pub async fn run(
         }
         match &journal {
             Some(j) => {
-                if !encoded.is_empty() {
-                    append_durably(j, std::mem::take(&mut encoded), &metrics).await;
-                }
-                send_acks(&mut acks, &metrics).await;
-                if closing || last_checkpoint.elapsed() >= config.checkpoint_interval {
+                let checkpoint_due =
+                    closing || last_checkpoint.elapsed() >= config.checkpoint_interval;
+                if checkpoint_due {
+                    // Everything applied must be durable and acknowledged before the
+                    // checkpoint empties the journal.
+                    if let Some(f) = flushing.take() {
+                        f.complete(j, &metrics).await;
+                    }
+                    if !encoded.is_empty() {
+                        append_durably(j, std::mem::take(&mut encoded), &metrics).await;
+                    }
+                    send_acks(&mut acks, &metrics).await;
                     last_checkpoint = Instant::now();
                     checkpoint(&mut pipeline, j, &sinks).await;
+                } else if flushing.is_none() && !encoded.is_empty() {
+                    flushing = Some(Flush::start(
+                        j,
+                        Arc::new(std::mem::take(&mut encoded)),
+                        std::mem::take(&mut acks),
+                    ));
                 }
             }
             None => commit(&mut pipeline, &mut acks, &sinks).await,
         }
         if closing || *shutdown.borrow() {
             break;
+        }
+    }
+}
+
+/// A journal append running on a blocking thread, with the acknowledgements it releases.
+struct Flush {
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    encoded: Arc<Vec<u8>>,
+    acks: Vec<(Acker, AckToken)>,
+    retry_delay: Duration,
+}
+
+impl Flush {
+    fn start(journal: &SharedJournal, encoded: Arc<Vec<u8>>, acks: Vec<(Acker, AckToken)>) -> Self {
+        let (j, e) = (journal.clone(), encoded.clone());
+        Self {
+            task: tokio::task::spawn_blocking(move || lock(&j).append(&e)),
+            encoded,
+            acks,
+            retry_delay: Duration::from_millis(50),
+        }
+    }
+
+    /// Handles the append's result: acknowledges on success, otherwise starts a retry (after a
+    /// backoff) and returns it. A failed append may have written part of the batch; the retry
+    /// writes it whole again, and replay drops the repeats as duplicates.
+    async fn finished(
+        mut self,
+        result: Result<std::io::Result<()>, tokio::task::JoinError>,
+        journal: &SharedJournal,
+        metrics: &Metrics,
+    ) -> Option<Self> {
+        match result {
+            Ok(Ok(())) => {
+                send_acks(&mut self.acks, metrics).await;
+                return None;
+            }
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "journal append failed; nothing acknowledged, retrying")
+            }
+            Err(err) => tracing::error!(error = %err, "journal task failed; retrying"),
+        }
+        metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(self.retry_delay).await;
+        let delay = (self.retry_delay * 2).min(Duration::from_secs(10));
+        let mut next = Self::start(journal, self.encoded, self.acks);
+        next.retry_delay = delay;
+        Some(next)
+    }
+
+    /// Waits until the append (and any retries) succeeded and its messages are acknowledged.
+    async fn complete(self, journal: &SharedJournal, metrics: &Metrics) {
+        let mut flush = self;
+        loop {
+            let result = (&mut flush.task).await;
+            match flush.finished(result, journal, metrics).await {
+                Some(next) => flush = next,
+                None => return,
+            }
         }
     }
 }
