@@ -1,0 +1,1 @@
+//! Monitoring profiles (filled in next).
