@@ -45,6 +45,21 @@ enum Command {
         #[command(subcommand)]
         command: devices::DeviceCommand,
     },
+    /// Build a model version's monitoring profile from a reference data set (CSV).
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
+    /// Evaluate the drift detectors on generated fleets with known ground truth: detection
+    /// delay, missed detections and false alarms per scenario (Markdown).
+    DriftEval {
+        /// Devices per simulated fleet.
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Independent runs per scenario.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Run a simulated fleet through the device client and the backend's verify/decode stage.
     Demo {
         /// Number of simulated devices.
@@ -59,6 +74,91 @@ enum Command {
     },
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum ProfileCommand {
+    /// Quantile bin edges, reference counts and the confidence calibration map from a CSV with
+    /// a header: feature columns, `prediction`, `confidence`, optional `label` and `latency_us`.
+    Build {
+        /// The reference data set.
+        #[arg(long)]
+        csv: std::path::PathBuf,
+        /// Model id the profile belongs to.
+        #[arg(long)]
+        model: String,
+        /// Model version the profile belongs to.
+        #[arg(long)]
+        version: String,
+        /// Bins per feature (the device client's `B`).
+        #[arg(long, default_value_t = 16)]
+        bins: usize,
+        /// Confidence bins (the device client's `K`).
+        #[arg(long, default_value_t = 8)]
+        conf_bins: usize,
+        /// Feature columns in device order (default: every other column, in header order).
+        #[arg(long, value_delimiter = ',')]
+        features: Option<Vec<String>>,
+        /// Where to write the profile (JSON); default standard output.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+fn profile(command: ProfileCommand) -> Result<(), String> {
+    let ProfileCommand::Build {
+        csv,
+        model,
+        version,
+        bins,
+        conf_bins,
+        features,
+        out,
+    } = command;
+    let file =
+        std::fs::File::open(&csv).map_err(|e| format!("cannot open {}: {e}", csv.display()))?;
+    let options = tinyfleet_drift::profile::BuildOptions {
+        model_id: model,
+        model_version: version,
+        bins,
+        conf_bins,
+        features,
+        ..tinyfleet_drift::profile::BuildOptions::default()
+    };
+    let profile = tinyfleet_drift::profile::build_profile(std::io::BufReader::new(file), &options)
+        .map_err(|e| format!("{}: {e}", csv.display()))?;
+    let json = serde_json::to_string_pretty(&profile).map_err(|e| e.to_string())?;
+    match out {
+        Some(path) => std::fs::write(&path, json + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?,
+        None => println!("{json}"),
+    }
+    eprintln!(
+        "profile of {}@{}: {} rows, {} features, {} classes, reference accuracy {}",
+        profile.model_id,
+        profile.model_version,
+        profile.n,
+        profile.features.len(),
+        profile.classes.len(),
+        profile
+            .accuracy
+            .map_or("unknown (no labels)".to_owned(), |a| format!("{a:.3}"))
+    );
+    Ok(())
+}
+
+fn drift_eval(devices: usize, runs: usize) -> Result<(), String> {
+    if devices < 100 || runs == 0 {
+        return Err("drift-eval needs --devices >= 100 and --runs >= 1".into());
+    }
+    let opts = tinyfleet_drift::evaluate::EvalOptions {
+        devices,
+        runs,
+        ..tinyfleet_drift::evaluate::EvalOptions::default()
+    };
+    let results = tinyfleet_drift::evaluate::run(&opts);
+    print!("{}", tinyfleet_drift::evaluate::markdown(&opts, &results));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -71,6 +171,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, data_dir } => run_serve(config.as_deref(), data_dir),
         Command::Device { api, command } => devices::run(&api, command),
+        Command::Profile { command } => profile(command),
+        Command::DriftEval { devices, runs } => drift_eval(devices, runs),
         Command::Demo {
             devices,
             inferences,

@@ -216,3 +216,24 @@ fn engine_state_survives_a_round_trip() {
     let back: Engine = serde_json::from_str(&json).expect("deserialise");
     assert_eq!(back.scopes(), engine.scopes());
 }
+
+#[test]
+fn the_evaluation_reports_every_scenario() {
+    let opts = tinyfleet_drift::evaluate::EvalOptions {
+        devices: 300,
+        runs: 1,
+        null_windows: 6,
+        after: 6,
+        ..Default::default()
+    };
+    let results = tinyfleet_drift::evaluate::run(&opts);
+    assert!(results.len() >= 10);
+    assert_eq!(results[0].false_alarms, 0, "{:?}", results[0].examples);
+    let strong = results
+        .iter()
+        .find(|r| r.name.starts_with("covariate shift 1 sd"))
+        .expect("scenario");
+    assert_eq!((strong.detected, strong.missed), (1, 0));
+    let table = tinyfleet_drift::evaluate::markdown(&opts, &results);
+    assert!(table.contains("| scenario | runs | detected | missed |"));
+}
