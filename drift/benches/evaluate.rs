@@ -8,15 +8,12 @@
 //! scopes plus 2 hardware, 10 site and 1 model cohort, 8 feature tests each plus class, latency,
 //! accuracy and CBPE tests per cohort, Benjamini-Hochberg over all of them.
 
-use std::collections::HashMap;
-
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use tinyfleet_drift::engine::{DriftConfig, Engine};
 use tinyfleet_drift::sim::{self, Fleet};
 
 fn bench(c: &mut Criterion) {
-    let p = sim::profile(40_000, 7);
-    let profiles = HashMap::from([((p.model_id.clone(), p.model_version.clone()), p)]);
+    let profiles = sim::profiles();
     let mut fleet = Fleet::new(100_000, 10, 1);
     let (first, _) = fleet.windows(400, 0.05);
     let (windows, _) = fleet.windows(400, 0.05);

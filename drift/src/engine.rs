@@ -406,6 +406,29 @@ struct ScopeState {
     accuracy: Vec<(u64, u64)>,
 }
 
+impl ScopeState {
+    /// Adds one window. Once the pool holds `min_inferences`, returns the sample to test and
+    /// the windows in it: `None` as the sample means `agg` alone is enough (tested where it
+    /// lies, nothing copied). A pool that stays short for `max_pool_windows` is dropped.
+    fn add(&mut self, agg: &WindowAgg, cfg: &DriftConfig) -> Option<(Option<WindowAgg>, u32)> {
+        self.pooled_windows += 1;
+        let sample = if self.pool.inferences == 0 && agg.inferences >= cfg.min_inferences {
+            None
+        } else {
+            self.pool.merge(agg);
+            if self.pool.inferences < cfg.min_inferences {
+                if self.pooled_windows >= cfg.max_pool_windows {
+                    self.pool = WindowAgg::default();
+                    self.pooled_windows = 0;
+                }
+                return None;
+            }
+            Some(std::mem::take(&mut self.pool))
+        };
+        Some((sample, std::mem::take(&mut self.pooled_windows)))
+    }
+}
+
 /// The detector with its per-scope state (serialisable, so it survives restarts).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Engine {
@@ -467,9 +490,39 @@ fn profile_cells(h: &HistProfile) -> Vec<u64> {
 /// Devices alike in model version, hardware and tags.
 type GroupKey<'a> = (&'a str, &'a str, &'a str, &'a BTreeMap<String, String>);
 
-/// What the fault checks need of a reference histogram, computed once per evaluation.
-#[derive(Debug, Clone, Copy)]
+/// A model version's profile with what every device test needs of it, computed once per
+/// evaluation.
+struct Reference<'p> {
+    profile: &'p MonitoringProfile,
+    features: Vec<ReferenceShape>,
+}
+
+impl<'p> Reference<'p> {
+    fn of(profile: &'p MonitoringProfile) -> Self {
+        Self {
+            profile,
+            features: profile
+                .features
+                .iter()
+                .map(|f| ReferenceShape::of(&f.hist))
+                .collect(),
+        }
+    }
+}
+
+/// The profile of a model version, if it has one.
+fn reference_of<'m, 'p>(
+    by_model: &'m HashMap<(&'m str, &'m str), Option<Reference<'p>>>,
+    model_id: &'m str,
+    model_version: &'m str,
+) -> Option<&'m Reference<'p>> {
+    by_model.get(&(model_id, model_version))?.as_ref()
+}
+
+/// One feature's reference: its cells and the shares the fault checks compare with.
+#[derive(Debug, Clone)]
 struct ReferenceShape {
+    cells: Vec<u64>,
     nan_share: f64,
     out_share: f64,
     max_bin_share: f64,
@@ -483,6 +536,7 @@ impl ReferenceShape {
             + reference.nan)
             .max(1) as f64;
         Self {
+            cells: profile_cells(reference),
             nan_share: reference.nan as f64 / total,
             out_share: (reference.underflow + reference.overflow) as f64 / total,
             max_bin_share: reference.counts.iter().copied().max().unwrap_or(0) as f64 / total,
@@ -519,15 +573,6 @@ impl ReferenceShape {
         }
         None
     }
-}
-
-/// The sensor fault of one feature in one device window, if any.
-pub fn sensor_fault(
-    f: &FeatureAgg,
-    reference: &HistProfile,
-    config: &DriftConfig,
-) -> Option<Fault> {
-    ReferenceShape::of(reference).fault(f, config)
 }
 
 /// CBPE: estimated accuracy of a confidence histogram (`confidence[class][bin]`) and the
@@ -623,35 +668,30 @@ impl Engine {
         eval.stats.devices = windows.len();
 
         // Profiles looked up once per model version, not per device.
-        let mut by_model: HashMap<(&str, &str), Option<&MonitoringProfile>> = HashMap::new();
-        let profile_of: Vec<Option<&MonitoringProfile>> = windows
-            .iter()
-            .map(|w| {
-                *by_model
-                    .entry((w.model_id.as_str(), w.model_version.as_str()))
-                    .or_insert_with(|| profiles.profile(&w.model_id, &w.model_version))
-            })
-            .collect();
-        let mut references: HashMap<*const MonitoringProfile, Vec<ReferenceShape>> = HashMap::new();
-        for p in by_model.values().flatten() {
-            references.insert(
-                *p as *const _,
-                p.features
-                    .iter()
-                    .map(|f| ReferenceShape::of(&f.hist))
-                    .collect(),
-            );
+        let mut by_model: HashMap<(&str, &str), Option<Reference>> = HashMap::new();
+        for w in windows {
+            by_model
+                .entry((&w.model_id, &w.model_version))
+                .or_insert_with(|| {
+                    profiles
+                        .profile(&w.model_id, &w.model_version)
+                        .map(Reference::of)
+                });
         }
+        let profile_of: Vec<Option<&Reference>> = windows
+            .iter()
+            .map(|w| reference_of(&by_model, &w.model_id, &w.model_version))
+            .collect();
 
         // 1. Sensor faults; faulty devices stay out of cohorts.
         let mut faulty: HashSet<usize> = HashSet::new();
         for (i, w) in windows.iter().enumerate() {
-            let Some(profile) = profile_of[i] else {
+            let Some(reference) = profile_of[i] else {
                 eval.stats.without_profile += 1;
                 continue;
             };
-            let shapes = &references[&(profile as *const _)];
-            for ((f, fp), shape) in w.agg.features.iter().zip(&profile.features).zip(shapes) {
+            let features = w.agg.features.iter().zip(&reference.profile.features);
+            for ((f, fp), shape) in features.zip(&reference.features) {
                 if let Some(fault) = shape.fault(f, &cfg) {
                     faulty.insert(i);
                     let scope = device_scope(w);
@@ -722,77 +762,61 @@ impl Engine {
         let mut tests = 0usize;
         let mut scratch = Vec::new();
         // Devices: 100k of them, so no per-device allocation unless something looks drifted.
-        for (w, profile) in windows.iter().zip(&profile_of) {
-            let Some(profile) = *profile else {
+        for (w, reference) in windows.iter().zip(&profile_of) {
+            let Some(reference) = reference else {
                 continue;
             };
             let state = match self.devices.get_mut(&w.device) {
                 Some(s) => s,
                 None => self.devices.entry(w.device.clone()).or_default(),
             };
-            state.pooled_windows += 1;
-            let pooled = if state.pool.inferences == 0 && w.agg.inferences >= cfg.min_inferences {
-                // One window is enough: test it where it lies.
-                None
-            } else {
-                state.pool.merge(&w.agg);
-                if state.pool.inferences < cfg.min_inferences {
-                    if state.pooled_windows >= cfg.max_pool_windows {
-                        state.pool = WindowAgg::default();
-                        state.pooled_windows = 0;
-                    }
-                    continue;
-                }
-                Some(std::mem::take(&mut state.pool))
+            let Some((sample, pooled)) = state.add(&w.agg, &cfg) else {
+                continue;
             };
-            let windows_pooled = std::mem::take(&mut state.pooled_windows);
             tested += 1;
+            let sample = Sample {
+                agg: sample.as_ref().unwrap_or(&w.agg),
+                windows: pooled,
+                window_start_ms,
+            };
             test_device(
                 &cfg,
                 w,
-                pooled.as_ref().unwrap_or(&w.agg),
-                windows_pooled,
-                profile,
+                &sample,
+                reference,
                 state,
-                window_start_ms,
                 &mut pending,
                 &mut tests,
                 &mut scratch,
             );
         }
-        for scope in members.keys() {
-            let Some(profile) = profiles.profile(&scope.model_id, &scope.model_version) else {
+        for (scope, agg) in cohort_aggs {
+            let Some(reference) = reference_of(&by_model, &scope.model_id, &scope.model_version)
+            else {
                 continue;
             };
             let state = self.scopes.entry(scope.clone()).or_default();
-            if let Some(agg) = cohort_aggs.get(scope) {
-                state.pool.merge(agg);
-            }
-            state.pooled_windows += 1;
-            if state.pool.inferences < cfg.min_inferences {
-                if state.pooled_windows >= cfg.max_pool_windows {
-                    state.pool = WindowAgg::default();
-                    state.pooled_windows = 0;
-                }
+            let Some((sample, pooled)) = state.add(&agg, &cfg) else {
                 continue;
-            }
-            let pool = std::mem::take(&mut state.pool);
-            let pooled = std::mem::take(&mut state.pooled_windows);
+            };
+            let pool = sample.unwrap_or(agg);
             tested += 1;
             let before = pending.len();
-            test_scope(
-                &cfg,
-                scope,
-                &pool,
-                pooled,
-                profile,
-                state,
+            let sample = Sample {
+                agg: &pool,
+                windows: pooled,
                 window_start_ms,
+            };
+            test_cohort(
+                &cfg,
+                &scope,
+                &sample,
+                reference.profile,
+                state,
                 &mut pending,
-                &mut scratch,
             );
             tests += pending.len() - before;
-            eval.evidence.insert(scope.clone(), pool);
+            eval.evidence.insert(scope, pool);
         }
         eval.stats.scopes_tested = tested;
         eval.stats.tests = tests;
@@ -923,7 +947,7 @@ impl Engine {
                 eval.findings.push(f);
             }
         }
-        self.report_devices(
+        report_devices(
             &cfg,
             &mut eval,
             &device_findings,
@@ -937,78 +961,76 @@ impl Engine {
     }
 }
 
-impl Engine {
-    /// Device-level feature drift: reported per device when a few devices of a model show it;
-    /// when more do, it is a population shift, reported once on the cohort where the drifted
-    /// devices concentrate (unless a cohort finding already covers it).
-    fn report_devices(
-        &self,
-        cfg: &DriftConfig,
-        eval: &mut Evaluation,
-        device_findings: &[&Score],
-        flagged: &HashSet<(Scope, Subject)>,
-        members: &HashMap<Scope, Vec<usize>>,
-        windows: &[DeviceWindow],
-    ) {
-        let mut by_subject: BTreeMap<(String, String, Subject), Vec<&Score>> = BTreeMap::new();
-        for s in device_findings {
-            by_subject
-                .entry((
-                    s.scope.model_id.clone(),
-                    s.scope.model_version.clone(),
-                    s.subject.clone(),
-                ))
-                .or_default()
-                .push(s);
+/// Device-level feature drift: reported per device when a few devices of a model show it;
+/// when more do, it is a population shift, reported once on the cohort where the drifted
+/// devices concentrate (unless a cohort finding already covers it).
+fn report_devices(
+    cfg: &DriftConfig,
+    eval: &mut Evaluation,
+    device_findings: &[&Score],
+    flagged: &HashSet<(Scope, Subject)>,
+    members: &HashMap<Scope, Vec<usize>>,
+    windows: &[DeviceWindow],
+) {
+    let mut by_subject: BTreeMap<(String, String, Subject), Vec<&Score>> = BTreeMap::new();
+    for s in device_findings {
+        by_subject
+            .entry((
+                s.scope.model_id.clone(),
+                s.scope.model_version.clone(),
+                s.subject.clone(),
+            ))
+            .or_default()
+            .push(s);
+    }
+    for ((model_id, model_version, subject), scores) in by_subject {
+        let covered = flagged.iter().any(|(scope, sub)| {
+            scope.is_cohort()
+                && sub == &subject
+                && scope.model_id == model_id
+                && scope.model_version == model_version
+        });
+        if covered {
+            continue;
         }
-        for ((model_id, model_version, subject), scores) in by_subject {
-            let covered = flagged.iter().any(|(scope, sub)| {
-                scope.is_cohort()
-                    && sub == &subject
-                    && scope.model_id == model_id
-                    && scope.model_version == model_version
-            });
-            if covered {
-                continue;
-            }
-            if scores.len() <= cfg.max_local_devices {
-                for s in scores {
-                    if let Some(f) = finding_of(s, eval.window_start_ms) {
-                        eval.findings.push(f);
-                    }
-                }
-                continue;
-            }
-            // Where do the drifted devices concentrate? The cohort with the largest share of
-            // them among its members (the narrowest on ties).
-            let drifted: HashSet<&str> = scores.iter().map(|s| s.scope.key.as_str()).collect();
-            let mut best: Option<(f64, usize, &Scope)> = None;
-            for (scope, idx) in members {
-                if !scope.is_cohort()
-                    || scope.model_id != model_id
-                    || scope.model_version != model_version
-                {
-                    continue;
-                }
-                let hits = idx
-                    .iter()
-                    .filter(|&&i| drifted.contains(windows[i].device.as_str()))
-                    .count();
-                let share = hits as f64 / idx.len().max(1) as f64;
-                let better = match best {
-                    None => true,
-                    Some((s, n, _)) => share > s || (share == s && idx.len() < n),
-                };
-                if hits > 0 && better {
-                    best = Some((share, idx.len(), scope));
+        if scores.len() <= cfg.max_local_devices {
+            for s in scores {
+                if let Some(f) = finding_of(s, eval.window_start_ms) {
+                    eval.findings.push(f);
                 }
             }
-            let Some((share, size, scope)) = best else {
+            continue;
+        }
+        // Where do the drifted devices concentrate? The cohort with the largest share of
+        // them among its members (the narrowest on ties).
+        let drifted: HashSet<&str> = scores.iter().map(|s| s.scope.key.as_str()).collect();
+        let mut best: Option<(f64, usize, &Scope)> = None;
+        for (scope, idx) in members {
+            if !scope.is_cohort()
+                || scope.model_id != model_id
+                || scope.model_version != model_version
+            {
                 continue;
+            }
+            let hits = idx
+                .iter()
+                .filter(|&&i| drifted.contains(windows[i].device.as_str()))
+                .count();
+            let share = hits as f64 / idx.len().max(1) as f64;
+            let better = match best {
+                None => true,
+                Some((s, n, _)) => share > s || (share == s && idx.len() < n),
             };
-            let mean_psi = scores.iter().filter_map(|s| s.psi).sum::<f64>() / scores.len() as f64;
-            let name = subject.label();
-            eval.findings.push(Finding {
+            if hits > 0 && better {
+                best = Some((share, idx.len(), scope));
+            }
+        }
+        let Some((share, size, scope)) = best else {
+            continue;
+        };
+        let mean_psi = scores.iter().filter_map(|s| s.psi).sum::<f64>() / scores.len() as f64;
+        let name = subject.label();
+        eval.findings.push(Finding {
                 scope: scope.clone(),
                 kind: FindingKind::FeatureDrift {
                     feature: name.clone(),
@@ -1022,7 +1044,6 @@ impl Engine {
                     share * 100.0
                 ),
             });
-        }
     }
 }
 
@@ -1120,6 +1141,38 @@ fn complement_drifted(
     subject_drifted(cfg, &rest, subject, profile, false)
 }
 
+/// A pooled sample of one scope, ready to test.
+struct Sample<'a> {
+    agg: &'a WindowAgg,
+    /// Windows pooled into it.
+    windows: u32,
+    window_start_ms: i64,
+}
+
+impl Sample<'_> {
+    /// A score of `subject` in `scope` with no statistic filled in yet.
+    fn score(&self, scope: Scope, subject: Subject, n: u64) -> Score {
+        Score {
+            scope,
+            subject,
+            window_start_ms: self.window_start_ms,
+            n,
+            windows: self.windows,
+            psi: None,
+            psi_critical: None,
+            js: None,
+            chi2: None,
+            p_value: None,
+            accuracy: None,
+            band: None,
+            observed_accuracy: None,
+            reference_accuracy: None,
+            significant: false,
+            streak: 0,
+        }
+    }
+}
+
 /// Tests one device's pooled features. Only statistics beyond the FDR level's critical value
 /// become [`Pending`] tests (with distances); the rest are counted in `tests` and reset their
 /// streaks.
@@ -1127,23 +1180,17 @@ fn complement_drifted(
 fn test_device(
     cfg: &DriftConfig,
     w: &DeviceWindow,
-    pool: &WindowAgg,
-    windows: u32,
-    profile: &MonitoringProfile,
+    sample: &Sample<'_>,
+    reference: &Reference<'_>,
     state: &mut ScopeState,
-    window_start_ms: i64,
     out: &mut Vec<Pending>,
     tests: &mut usize,
     scratch: &mut Vec<u64>,
 ) {
-    let mut reference = Vec::new();
-    for (f, fp) in pool.features.iter().zip(&profile.features) {
+    let features = sample.agg.features.iter().zip(&reference.profile.features);
+    for ((f, fp), shape) in features.zip(&reference.features) {
         cells(&f.hist, fp.hist.counts.len(), scratch);
-        reference.clear();
-        reference.push(fp.hist.underflow);
-        reference.extend_from_slice(&fp.hist.counts);
-        reference.extend([fp.hist.overflow, fp.hist.nan]);
-        let Some((statistic, df)) = stats::chi2_two_sample_statistic(&reference, scratch) else {
+        let Some((statistic, df)) = stats::chi2_two_sample_statistic(&shape.cells, scratch) else {
             continue;
         };
         *tests += 1;
@@ -1154,107 +1201,63 @@ fn test_device(
             }
             continue;
         }
-        let (n, m) = (pool.inferences.max(1) as f64, profile.n.max(1) as f64);
-        let psi = stats::psi(&reference, scratch);
+        let n = sample.agg.inferences.max(1) as f64;
+        let m = reference.profile.n.max(1) as f64;
+        let psi = stats::psi(&shape.cells, scratch);
+        let mut score = sample.score(
+            device_scope(w),
+            Subject::Feature(fp.name.clone()),
+            sample.agg.inferences,
+        );
+        score.psi = Some(psi);
+        score.psi_critical = Some(critical * (1.0 / n + 1.0 / m));
+        score.js = Some(stats::js_distance(&shape.cells, scratch));
+        score.chi2 = Some(statistic);
+        score.p_value = Some(stats::chi2_sf(statistic, f64::from(df)));
         out.push(Pending {
             effect: psi >= cfg.device_psi_floor,
-            score: Score {
-                scope: device_scope(w),
-                subject: Subject::Feature(fp.name.clone()),
-                window_start_ms,
-                n: pool.inferences,
-                windows,
-                psi: Some(psi),
-                psi_critical: Some(critical * (1.0 / n + 1.0 / m)),
-                js: Some(stats::js_distance(&reference, scratch)),
-                chi2: Some(statistic),
-                p_value: Some(stats::chi2_sf(statistic, f64::from(df))),
-                accuracy: None,
-                band: None,
-                observed_accuracy: None,
-                reference_accuracy: None,
-                significant: false,
-                streak: 0,
-            },
+            score,
         });
     }
 }
 
-/// Runs every test of one pooled cohort scope.
-#[allow(clippy::too_many_arguments)]
-fn test_scope(
+/// Runs every test of one pooled cohort: each feature, the predicted classes and latency
+/// against the profile, labelled accuracy over the horizon, and CBPE.
+fn test_cohort(
     cfg: &DriftConfig,
     scope: &Scope,
-    pool: &WindowAgg,
-    windows: u32,
+    sample: &Sample<'_>,
     profile: &MonitoringProfile,
     state: &mut ScopeState,
-    window_start_ms: i64,
     out: &mut Vec<Pending>,
-    scratch: &mut Vec<u64>,
 ) {
-    let blank = |subject: Subject, n: u64| Score {
-        scope: scope.clone(),
-        subject,
-        window_start_ms,
-        n,
-        windows,
-        psi: None,
-        psi_critical: None,
-        js: None,
-        chi2: None,
-        p_value: None,
-        accuracy: None,
-        band: None,
-        observed_accuracy: None,
-        reference_accuracy: None,
-        significant: false,
-        streak: 0,
-    };
-    let cohort = scope.is_cohort();
-    let mut distribution = |subject: Subject, reference: &[u64], current: &[u64]| {
+    let pool = sample.agg;
+    let subjects = profile
+        .features
+        .iter()
+        .map(|f| Subject::Feature(f.name.clone()))
+        .chain([Subject::Classes, Subject::Latency]);
+    for subject in subjects {
+        let Some((reference, current)) = subject_cells(pool, &subject, profile) else {
+            continue;
+        };
+        let Some(t) = stats::chi2_two_sample(&reference, &current) else {
+            continue;
+        };
         let n: u64 = current.iter().sum();
         let m: u64 = reference.iter().sum();
-        let mut score = blank(subject, n);
-        let Some(t) = stats::chi2_two_sample(reference, current) else {
-            return;
-        };
-        let critical_chi2 = chi2_critical(cfg.fdr, t.df);
+        let critical = chi2_critical(cfg.fdr, t.df);
+        let psi = stats::psi(&reference, &current);
+        let mut score = sample.score(scope.clone(), subject, n);
         score.chi2 = Some(t.statistic);
-        score.p_value = (t.statistic >= critical_chi2).then_some(t.p_value);
-        // Device-level tests far from significance skip the distances (100k devices x 8).
-        let interesting = cohort || score.p_value.is_some();
-        let psi = interesting.then(|| stats::psi(reference, current));
-        score.psi = psi;
-        score.js = interesting.then(|| stats::js_distance(reference, current));
-        score.psi_critical = Some(critical_chi2 * (1.0 / n.max(1) as f64 + 1.0 / m.max(1) as f64));
-        let floor = if cohort {
-            cfg.psi_floor
-        } else {
-            cfg.device_psi_floor
-        };
+        score.p_value = (t.statistic >= critical).then_some(t.p_value);
+        score.psi = Some(psi);
+        score.js = Some(stats::js_distance(&reference, &current));
+        score.psi_critical = Some(critical * (1.0 / n.max(1) as f64 + 1.0 / m.max(1) as f64));
         out.push(Pending {
-            effect: psi.is_some_and(|p| p >= floor),
+            effect: psi >= cfg.psi_floor,
             score,
         });
-    };
-    for (f, fp) in pool.features.iter().zip(&profile.features) {
-        cells(&f.hist, fp.hist.counts.len(), scratch);
-        distribution(
-            Subject::Feature(fp.name.clone()),
-            &profile_cells(&fp.hist),
-            scratch,
-        );
-    }
-    if cohort {
-        let classes: Vec<u64> = (0..profile.classes.len())
-            .map(|i| pool.classes.get(i).copied().unwrap_or(0))
-            .collect();
-        distribution(Subject::Classes, &profile.classes, &classes);
-        if let Some(lat) = &profile.latency {
-            cells(&pool.latency, lat.counts.len(), scratch);
-            distribution(Subject::Latency, &profile_cells(lat), scratch);
-        }
     }
     let Some(reference) = reference_accuracy(profile) else {
         return;
@@ -1273,11 +1276,8 @@ fn test_scope(
         .iter()
         .fold((0, 0), |(e, n), &(de, dn)| (e + de, n + dn));
     let observed = (labels > 0).then(|| 1.0 - errors as f64 / labels as f64);
-    if cohort
-        && let Some(z) =
-            stats::error_rate_z(errors, labels, 1.0 - reference, cfg.accuracy_min_labels)
-    {
-        let mut score = blank(Subject::Accuracy, labels);
+    if let Some(z) = stats::error_rate_z(errors, labels, 1.0 - reference, cfg.accuracy_min_labels) {
+        let mut score = sample.score(scope.clone(), Subject::Accuracy, labels);
         score.accuracy = observed;
         score.reference_accuracy = Some(reference);
         score.p_value = Some(stats::normal_sf(z));
@@ -1287,8 +1287,8 @@ fn test_scope(
             score,
         });
     }
-    if cohort && let Some((estimate, se)) = cbpe(&pool.confidence, profile) {
-        let mut score = blank(Subject::EstimatedAccuracy, pool.inferences);
+    if let Some((estimate, se)) = cbpe(&pool.confidence, profile) {
+        let mut score = sample.score(scope.clone(), Subject::EstimatedAccuracy, pool.inferences);
         let band = cfg.cbpe_sigmas * se;
         score.accuracy = Some(estimate);
         score.band = Some(band);

@@ -2,10 +2,7 @@
 //! generated fleets with known ground truth (`tinyfleet drift-eval`, recorded in
 //! docs/benchmarks.md).
 
-use std::collections::HashMap;
-
 use crate::engine::{DriftConfig, Engine, Finding, FindingKind, ScopeKind};
-use crate::profile::MonitoringProfile;
 use crate::sim::{self, Condition, Fleet, SimFault};
 
 /// Settings of an evaluation run.
@@ -164,14 +161,9 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-fn profiles() -> HashMap<(String, String), MonitoringProfile> {
-    let p = sim::profile(40_000, 7);
-    HashMap::from([((p.model_id.clone(), p.model_version.clone()), p)])
-}
-
 /// Runs every scenario and the no-drift fleet.
 pub fn run(opts: &EvalOptions) -> Vec<ScenarioResult> {
-    let profiles = profiles();
+    let profiles = sim::profiles();
     let mut results = Vec::new();
     // The no-drift fleet: every finding is a false alarm.
     let mut false_alarms = 0;

@@ -103,12 +103,12 @@ enum Cell {
     Nan,
 }
 
-/// How one device's stream differs from the reference.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// How one device's stream differs from the reference ([`Condition::none`]: not at all).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Condition {
     /// Added to the latent value of each feature (in reference standard deviations).
     pub shift: [f64; FEATURES],
-    /// Multiplies the spread of each feature (0 is read as 1).
+    /// Multiplies the spread of each feature.
     pub scale: [f64; FEATURES],
     /// A broken sensor: (feature, fault).
     pub fault: Option<(usize, SimFault)>,
@@ -121,8 +121,11 @@ pub struct Condition {
 impl Condition {
     pub fn none() -> Self {
         Self {
+            shift: [0.0; FEATURES],
+            scale: [1.0; FEATURES],
+            fault: None,
+            concept_flip: 0.0,
             latency_factor: 1.0,
-            ..Self::default()
         }
     }
 
@@ -178,8 +181,7 @@ struct Draw {
 fn draw(rng: &mut Rng, c: &Condition) -> Draw {
     let mut features = [0f32; FEATURES];
     for (f, x) in features.iter_mut().enumerate() {
-        let scale = if c.scale[f] == 0.0 { 1.0 } else { c.scale[f] };
-        *x = (rng.normal() * scale + c.shift[f]) as f32;
+        *x = (rng.normal() * c.scale[f] + c.shift[f]) as f32;
     }
     if let Some((f, fault)) = c.fault {
         features[f] = match fault {
@@ -337,6 +339,12 @@ pub fn profile(n: usize, seed: u64) -> MonitoringProfile {
         labelled: n as u64,
         latency: Some(hist(&agg.latency, 0.0, &LATENCY_UPPER)),
     }
+}
+
+/// The simulated model's profile from 40,000 reference inferences, as a profile store.
+pub fn profiles() -> HashMap<(String, String), MonitoringProfile> {
+    let p = profile(40_000, 7);
+    HashMap::from([((p.model_id.clone(), p.model_version.clone()), p)])
 }
 
 /// A simulated fleet: devices with cohorts (hardware and a `site` tag) and conditions.

@@ -114,12 +114,10 @@ pub fn chi2_two_sample_statistic(reference: &[u64], current: &[u64]) -> Option<(
         match last {
             Some((lr, lo)) => {
                 statistic += term(lr + r_acc, lo + o_acc) - term(lr, lo);
-                last = Some((lr + r_acc, lo + o_acc));
             }
             None => return None,
         }
     }
-    let _ = last;
     let df = cells.checked_sub(1).filter(|&d| d > 0)?;
     Some((statistic, df))
 }

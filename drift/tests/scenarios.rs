@@ -1,19 +1,11 @@
 //! Synthetic fleets with known ground truth through the drift engine.
 
-use std::collections::HashMap;
-
 use tinyfleet_drift::engine::{
     DriftConfig, Engine, Fault, Finding, FindingKind, ScopeKind, Subject,
 };
-use tinyfleet_drift::profile::MonitoringProfile;
 use tinyfleet_drift::sim::{self, Condition, Fleet, SimFault};
 
 const WINDOW_MS: i64 = 300_000;
-
-fn profiles() -> HashMap<(String, String), MonitoringProfile> {
-    let p = sim::profile(40_000, 7);
-    HashMap::from([((p.model_id.clone(), p.model_version.clone()), p)])
-}
 
 /// Runs `windows` windows of `per_window` inferences; `change(w, fleet)` alters the fleet
 /// before window `w`. Returns the findings of every window.
@@ -24,7 +16,7 @@ fn run(
     labelled: f64,
     mut change: impl FnMut(usize, &mut Fleet),
 ) -> Vec<Vec<Finding>> {
-    let profiles = profiles();
+    let profiles = sim::profiles();
     let mut engine = Engine::new(DriftConfig::default());
     (0..windows)
         .map(|w| {
@@ -147,7 +139,7 @@ fn one_device_moved_elsewhere_is_device_drift_not_cohort_drift() {
 
 #[test]
 fn cbpe_tracks_true_accuracy_under_covariate_shift_within_its_band() {
-    let profiles = profiles();
+    let profiles = sim::profiles();
     let mut engine = Engine::new(DriftConfig::default());
     let mut fleet = Fleet::new(300, 3, 5);
     // Site s1's feature 0 (which drives confidence) narrows: its inputs get harder and the
@@ -207,7 +199,7 @@ fn concept_drift_shows_in_labelled_accuracy_while_cbpe_stays_blind() {
 
 #[test]
 fn engine_state_survives_a_round_trip() {
-    let profiles = profiles();
+    let profiles = sim::profiles();
     let mut engine = Engine::new(DriftConfig::default());
     let mut fleet = Fleet::new(50, 2, 8);
     let (input, _) = fleet.windows(100, 0.1);

@@ -165,7 +165,9 @@ pub async fn run(
                         f.complete(j, &metrics).await;
                     }
                     if !encoded.is_empty() {
-                        append_durably(j, std::mem::take(&mut encoded), &metrics).await;
+                        let encoded = Arc::new(std::mem::take(&mut encoded));
+                        let acks = std::mem::take(&mut acks);
+                        Flush::start(j, encoded, acks).complete(j, &metrics).await;
                     }
                     send_acks(&mut acks, &metrics).await;
                     last_checkpoint = Instant::now();
@@ -271,25 +273,6 @@ async fn open_and_replay(
         pipeline.handle(&r.topic, &r.payload, r.received_ms);
     }
     Ok(Arc::new(std::sync::Mutex::new(journal)))
-}
-
-/// Appends and fsyncs, retrying with backoff until it works; nothing is acknowledged before.
-async fn append_durably(journal: &SharedJournal, encoded: Vec<u8>, metrics: &Metrics) {
-    let encoded = Arc::new(encoded);
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let (j, e) = (journal.clone(), encoded.clone());
-        match tokio::task::spawn_blocking(move || lock(&j).append(&e)).await {
-            Ok(Ok(())) => return,
-            Ok(Err(err)) => {
-                tracing::error!(error = %err, "journal append failed; nothing acknowledged, retrying")
-            }
-            Err(err) => tracing::error!(error = %err, "journal task failed; retrying"),
-        }
-        metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
 }
 
 /// Commits the pipeline's state, then empties the journal it covers.
