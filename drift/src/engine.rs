@@ -648,6 +648,13 @@ impl Engine {
         &self.config
     }
 
+    /// The same state under another configuration (a restored engine takes the configuration
+    /// the service runs with now, not the one it was saved with).
+    pub fn with_config(mut self, config: DriftConfig) -> Self {
+        self.config = config;
+        self
+    }
+
     /// Scopes with state (pooled windows or history), devices included.
     pub fn scopes(&self) -> usize {
         self.scopes.len() + self.devices.len()

@@ -14,10 +14,12 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod monitoring;
 mod registry;
 mod schema;
 mod state;
 
+pub use monitoring::{DriftInput, OfflineDevice, ProfileInfo, parse_cohort_key};
 pub use registry::{Credentials, DeviceRecord, Registry};
 pub use state::{
     Batch, CohortWindow, DeviceListItem, DevicePage, DeviceQuery, DeviceState, DeviceWindow,

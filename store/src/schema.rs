@@ -66,6 +66,27 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     );
     "#,
+    // 2: monitoring: profiles per model version, drift evaluations, service state snapshots.
+    r#"
+    CREATE TABLE profiles (
+        model_id      TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        profile       TEXT NOT NULL,
+        updated_ms    INTEGER NOT NULL,
+        updated_by    TEXT NOT NULL,
+        PRIMARY KEY (model_id, model_version)
+    );
+    CREATE TABLE drift_evaluations (
+        window_start_ms INTEGER PRIMARY KEY,
+        evaluated_ms    INTEGER NOT NULL,
+        evaluation      TEXT NOT NULL
+    );
+    CREATE TABLE service_state (
+        name       TEXT PRIMARY KEY,
+        value      TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Brings the database to the newest schema.

@@ -198,6 +198,10 @@ impl Store {
         &self.registry
     }
 
+    pub(crate) fn conn(&self) -> &Mutex<Connection> {
+        &self.conn
+    }
+
     /// Writes a batch in one transaction.
     pub fn commit(&self, batch: &Batch) -> Result<()> {
         if batch.is_empty() {
