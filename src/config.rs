@@ -6,8 +6,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use tinyfleet_alerts::{AlertsConfig, RuleOverride};
 use tinyfleet_api::{ApiToken, Role};
 use tinyfleet_broker::BrokerConfig;
+use tinyfleet_drift::engine::DriftConfig;
+use tinyfleet_monitor::{HealthRules, MonitorConfig, MonitorSettings};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,6 +26,14 @@ pub struct Config {
     pub api: ApiConfig,
     /// Optional InfluxDB 2 (or any server speaking its `/api/v2/write`) for dashboards.
     pub influx: Option<tinyfleet_sink_influx::InfluxConfig>,
+    /// When windows are evaluated, the alert topic.
+    pub monitor: MonitorSettings,
+    /// The drift detector.
+    pub drift: DriftConfig,
+    /// Per-device health conditions.
+    pub health: HealthRules,
+    /// Alert rules, silences' limits, inhibition, receivers and retraining triggers.
+    pub alerts: AlertsConfig,
 }
 
 impl Default for Config {
@@ -34,6 +45,10 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             api: ApiConfig::default(),
             influx: None,
+            monitor: MonitorSettings::default(),
+            drift: DriftConfig::default(),
+            health: HealthRules::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -200,6 +215,33 @@ impl Config {
         if self.broker.is_none() && self.mqtt.is_none() {
             self.broker = Some(BrokerConfig::default());
         }
+        // A device that drops off for a few minutes (a radio fade, a reboot) is not news:
+        // `DeviceOffline` fires after 5 minutes unless configured otherwise.
+        self.alerts
+            .rules
+            .entry("DeviceOffline".to_owned())
+            .or_insert_with(|| RuleOverride {
+                for_ms: Some(300_000),
+                ..RuleOverride::default()
+            });
+    }
+
+    /// The monitor's configuration (drift, health, alerts) for this ingest setup.
+    pub fn monitor_config(&self) -> MonitorConfig {
+        let ingest = &self.ingest;
+        MonitorConfig {
+            window_ms: ingest.window_secs as i64 * 1000,
+            // A window is complete in the store once ingest has checkpointed (or committed) it.
+            min_grace_ms: 2 * if ingest.journal {
+                ingest.checkpoint_ms
+            } else {
+                ingest.flush_ms
+            } as i64,
+            settings: self.monitor.clone(),
+            health: self.health.clone(),
+            drift: self.drift.clone(),
+            alerts: self.alerts.clone(),
+        }
     }
 
     /// Checks everything that can be checked before starting.
@@ -260,7 +302,9 @@ impl Config {
                 .validate()
                 .map_err(|e| format!("config [influx]: {e}"))?;
         }
-        Ok(())
+        self.monitor_config()
+            .validate()
+            .map_err(|e| format!("config: {e}"))
     }
 }
 
@@ -310,5 +354,47 @@ mod tests {
                 .unwrap_err()
                 .contains("broker")
         );
+        assert!(parse("[drift]\nfdr = 2.0").unwrap_err().contains("fdr"));
+        assert!(
+            parse("[monitor]\nalert_topic = \"tf/v1/x\"")
+                .unwrap_err()
+                .contains("alert_topic")
+        );
+        let err = parse("[alerts]\ndefault_receivers = [\"nope\"]").unwrap_err();
+        assert!(err.contains("default_receivers"), "{err}");
+        assert!(
+            parse("[health]\nbattery_low = 3")
+                .unwrap_err()
+                .contains("unknown field")
+        );
+    }
+
+    #[test]
+    fn monitoring_sections_parse() {
+        let c = parse(
+            r#"
+[monitor]
+grace_secs = 30
+[drift]
+persistence = 3
+[health]
+battery_low_mv = 3400
+[alerts]
+default_receivers = ["ops"]
+[[alerts.receivers]]
+name = "ops"
+kind = { type = "alertmanager_webhook", url = "http://127.0.0.1:9/hook" }
+[alerts.rules.FeatureDrift]
+severity = "critical"
+"#,
+        )
+        .unwrap();
+        let m = c.monitor_config();
+        assert_eq!(m.settings.grace_secs, 30);
+        assert_eq!(m.drift.persistence, 3);
+        assert_eq!(m.health.battery_low_mv, 3400);
+        assert_eq!(m.alerts.rule_for("FeatureDrift").severity, "critical");
+        assert_eq!(m.alerts.rule_for("DeviceOffline").for_ms, 300_000);
+        assert_eq!(m.min_grace_ms, 2000);
     }
 }

@@ -58,6 +58,44 @@ fn call(req: reqwest::blocking::RequestBuilder, token: &str) -> Result<serde_jso
     }
 }
 
+/// `tinyfleet profile upload`: stores a profile under the model id and version it names.
+pub fn upload_profile(api: &ApiArgs, file: &std::path::Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let profile: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
+    let (Some(model), Some(version)) = (
+        profile["model_id"].as_str(),
+        profile["model_version"].as_str(),
+    ) else {
+        return Err(format!(
+            "{} has no model_id/model_version; build it with `tinyfleet profile build`",
+            file.display()
+        ));
+    };
+    let segment = |s: &str| -> Result<String, String> {
+        if s.is_empty() || s.contains(['/', '?', '#', '%']) {
+            Err(format!(
+                "model id or version {s:?} cannot be used in a URL path"
+            ))
+        } else {
+            Ok(s.to_owned())
+        }
+    };
+    let url = format!(
+        "{}/api/v1/models/{}/{}/profile",
+        api.api.trim_end_matches('/'),
+        segment(model)?,
+        segment(version)?
+    );
+    call(
+        reqwest::blocking::Client::new().put(url).json(&profile),
+        &api.token,
+    )?;
+    eprintln!("profile of {model}@{version} stored");
+    Ok(())
+}
+
 pub fn run(api: &ApiArgs, command: DeviceCommand) -> Result<(), String> {
     let client = reqwest::blocking::Client::new();
     let base = api.api.trim_end_matches('/');

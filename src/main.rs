@@ -101,18 +101,29 @@ enum ProfileCommand {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Store a profile (as `build` writes it) with its model version on a running server, which
+    /// validates it; drift is evaluated against it from the next window on.
+    Upload {
+        #[command(flatten)]
+        api: devices::ApiArgs,
+        /// The profile (JSON).
+        file: std::path::PathBuf,
+    },
 }
 
 fn profile(command: ProfileCommand) -> Result<(), String> {
-    let ProfileCommand::Build {
-        csv,
-        model,
-        version,
-        bins,
-        conf_bins,
-        features,
-        out,
-    } = command;
+    let (csv, model, version, bins, conf_bins, features, out) = match command {
+        ProfileCommand::Build {
+            csv,
+            model,
+            version,
+            bins,
+            conf_bins,
+            features,
+            out,
+        } => (csv, model, version, bins, conf_bins, features, out),
+        ProfileCommand::Upload { api, file } => return devices::upload_profile(&api, &file),
+    };
     let file =
         std::fs::File::open(&csv).map_err(|e| format!("cannot open {}: {e}", csv.display()))?;
     let options = tinyfleet_drift::profile::BuildOptions {

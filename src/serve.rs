@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::RngCore;
+use rumqttc::QoS;
+use tinyfleet_alerts::Deliverer;
 use tinyfleet_api::{ApiState, ApiToken, Role};
 use tinyfleet_broker::EmbeddedBroker;
 use tinyfleet_broker::client::ClientConfig;
@@ -16,6 +18,7 @@ use tinyfleet_ingest::influx::InfluxEvents;
 use tinyfleet_ingest::metrics::Metrics;
 use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
 use tinyfleet_ingest::shell::{self, EventSink, ShellConfig};
+use tinyfleet_monitor::{Monitor, Publish};
 use tinyfleet_sink_influx::InfluxSink;
 use tinyfleet_store::Store;
 use tokio::sync::{mpsc, watch};
@@ -146,6 +149,7 @@ pub async fn serve(
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (tx, rx) = mpsc::channel(config.ingest.max_batch.max(1000) * 2);
+    let client_template = client.clone();
     let source = tokio::spawn(tinyfleet_ingest::source::run(
         client,
         share_group,
@@ -181,11 +185,53 @@ pub async fn serve(
         shutdown_rx.clone(),
     ));
 
+    // The monitor: drift, health and presence -> alerts, retraining triggers, MQTT events.
+    let (deliverer, delivery_task) =
+        Deliverer::spawn(&config.alerts).map_err(|e| format!("config [alerts]: {e}"))?;
+    let alert_client = ClientConfig {
+        client_id: match &config.mqtt {
+            Some(m) => format!("{}-monitor", m.client_id),
+            None => "tinyfleet-monitor".to_owned(),
+        },
+        clean_session: true,
+        manual_acks: false,
+        ..client_template
+    };
+    let (alert_mqtt, mut alert_conn) = tinyfleet_broker::client::connect(&alert_client);
+    let mut alert_shutdown = shutdown_rx.clone();
+    let alert_conn_task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = alert_conn.next() => {}
+                _ = alert_shutdown.changed() => break,
+            }
+        }
+    });
+    let publish: Publish = Arc::new(move |topic: String, body: Vec<u8>| {
+        if let Err(e) = alert_mqtt.try_publish(topic, QoS::AtLeastOnce, false, body) {
+            tracing::warn!(error = %e, "alert event not published on MQTT");
+        }
+    });
+    let monitor = {
+        let (store, config) = (store.clone(), config.monitor_config());
+        let sink = influx.as_ref().map(|(sink, _)| sink.clone());
+        tokio::task::spawn_blocking(move || {
+            Monitor::open(store, config, deliverer, sink, Some(publish))
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
+    let monitor_task = tokio::spawn(monitor.clone().run(shutdown_rx.clone()));
+
     let api_state = ApiState {
         store: store.clone(),
         metrics: metrics.clone(),
         tokens: Arc::new(tokens),
-        extra_metrics: Arc::new(String::new),
+        monitor: monitor.clone(),
+        extra_metrics: {
+            let monitor = monitor.clone();
+            Arc::new(move || monitor.render_prometheus(tinyfleet_store::now_ms()))
+        },
     };
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
@@ -223,7 +269,13 @@ pub async fn serve(
     let _ = shutdown_tx.send(true);
     let _ = source.await;
     let _ = ingest.await;
+    let _ = monitor_task.await;
+    let _ = alert_conn_task.await;
     let _ = api.await;
+    if !monitor.flush(std::time::Duration::from_secs(5)).await {
+        tracing::warn!("alert notifications not delivered before exit");
+    }
+    delivery_task.abort();
     if let Some((sink, task)) = influx {
         if !sink.flush(std::time::Duration::from_secs(5)).await {
             tracing::warn!(

@@ -18,7 +18,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -26,6 +26,7 @@ use tinyfleet_ingest::aggregate::WindowAgg;
 use tinyfleet_ingest::metrics::Metrics;
 use tinyfleet_store::{DeviceQuery, Store, StoreError};
 
+mod monitoring;
 mod openapi;
 
 /// What a token may do.
@@ -74,6 +75,8 @@ pub struct ApiState {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub tokens: Arc<Vec<ApiToken>>,
+    /// Drift, alerts and silences.
+    pub monitor: tinyfleet_monitor::Monitor,
     /// Extra Prometheus text appended to `/metrics` (e.g. the broker's or a sink's).
     pub extra_metrics: ExtraMetrics,
 }
@@ -212,6 +215,18 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/cohorts", get(cohorts))
         .route("/api/v1/cohorts/windows", get(cohort_windows))
         .route("/api/v1/ingest", get(ingest_counters))
+        .route("/api/v1/models", get(monitoring::models))
+        .route(
+            "/api/v1/models/{id}/{version}/profile",
+            get(monitoring::get_profile).put(monitoring::put_profile),
+        )
+        .route("/api/v1/drift", get(monitoring::drift))
+        .route("/api/v1/alerts", get(monitoring::alerts))
+        .route(
+            "/api/v1/silences",
+            get(monitoring::silences).post(monitoring::create_silence),
+        )
+        .route("/api/v1/silences/{id}", delete(monitoring::expire_silence))
         .with_state(state)
 }
 
@@ -432,8 +447,26 @@ mod tests {
 
     fn app(dir: &std::path::Path) -> Router {
         let store = Store::open(dir).unwrap();
+        let alerts = tinyfleet_alerts::AlertsConfig::default();
+        let (deliverer, _) = tinyfleet_alerts::Deliverer::spawn(&alerts).unwrap();
+        let monitor = tinyfleet_monitor::Monitor::open(
+            store.clone(),
+            tinyfleet_monitor::MonitorConfig {
+                window_ms: 60_000,
+                min_grace_ms: 0,
+                settings: Default::default(),
+                health: Default::default(),
+                drift: Default::default(),
+                alerts,
+            },
+            deliverer,
+            None,
+            None,
+        )
+        .unwrap();
         router(ApiState {
             store,
+            monitor,
             metrics: Arc::new(Metrics::default()),
             tokens: Arc::new(vec![
                 ApiToken::from_plain("ops", "op-token", Role::Operator),
@@ -573,5 +606,151 @@ mod tests {
             call(&app, "GET", "/openapi.json", None, "").await.0,
             StatusCode::OK
         );
+    }
+
+    #[tokio::test]
+    async fn profiles_alerts_and_silences() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let profile = tinyfleet_drift::sim::profile(2_000, 7);
+        let body = serde_json::to_string(&profile).unwrap();
+        let path = "/api/v1/models/sim/1/profile";
+        assert_eq!(
+            call(&app, "PUT", path, Some("read-token"), &body).await.0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            call(&app, "PUT", path, Some("op-token"), &body).await.0,
+            StatusCode::NO_CONTENT
+        );
+        let (st, err) = call(
+            &app,
+            "PUT",
+            "/api/v1/models/sim/2/profile",
+            Some("op-token"),
+            &body,
+        )
+        .await;
+        assert_eq!(
+            st,
+            StatusCode::BAD_REQUEST,
+            "model version must match the path"
+        );
+        assert!(err["error"].as_str().unwrap().contains("sim@1"));
+        let mut broken = profile.clone();
+        broken.features[0].hist.upper.reverse();
+        let (st, err) = call(
+            &app,
+            "PUT",
+            path,
+            Some("op-token"),
+            &serde_json::to_string(&broken).unwrap(),
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{err}");
+        let (st, back) = call(&app, "GET", path, Some("read-token"), "").await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(back["features"].as_array().unwrap().len(), 8);
+        let (_, models) = call(&app, "GET", "/api/v1/models", Some("read-token"), "").await;
+        assert_eq!(models[0]["model_id"], "sim");
+        assert_eq!(models[0]["updated_by"], "ops");
+        assert_eq!(
+            call(
+                &app,
+                "GET",
+                "/api/v1/models/sim/9/profile",
+                Some("read-token"),
+                ""
+            )
+            .await
+            .0,
+            StatusCode::NOT_FOUND
+        );
+
+        let silence = r#"{"matchers":[{"name":"device","value":"d1","op":"="}],
+                          "duration_secs":3600,"comment":"maintenance"}"#;
+        assert_eq!(
+            call(
+                &app,
+                "POST",
+                "/api/v1/silences",
+                Some("read-token"),
+                silence
+            )
+            .await
+            .0,
+            StatusCode::FORBIDDEN
+        );
+        let (st, created) = call(&app, "POST", "/api/v1/silences", Some("op-token"), silence).await;
+        assert_eq!(st, StatusCode::CREATED);
+        let id = created["id"].as_str().unwrap().to_owned();
+        let (_, list) = call(&app, "GET", "/api/v1/silences", Some("read-token"), "").await;
+        assert_eq!(list[0]["state"], "active");
+        assert_eq!(list[0]["created_by"], "ops");
+        let everything = r#"{"matchers":[{"name":"device","value":".*","op":"=~"}],
+                             "duration_secs":60,"comment":"all"}"#;
+        assert_eq!(
+            call(
+                &app,
+                "POST",
+                "/api/v1/silences",
+                Some("op-token"),
+                everything
+            )
+            .await
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            call(
+                &app,
+                "DELETE",
+                &format!("/api/v1/silences/{id}"),
+                Some("op-token"),
+                ""
+            )
+            .await
+            .0,
+            StatusCode::NO_CONTENT
+        );
+        let (_, list) = call(&app, "GET", "/api/v1/silences", Some("read-token"), "").await;
+        assert_eq!(list[0]["state"], "expired");
+        assert_eq!(
+            call(
+                &app,
+                "DELETE",
+                "/api/v1/silences/nope",
+                Some("op-token"),
+                ""
+            )
+            .await
+            .0,
+            StatusCode::NOT_FOUND
+        );
+        let (st, alerts) = call(
+            &app,
+            "GET",
+            "/api/v1/alerts?state=firing",
+            Some("read-token"),
+            "",
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(alerts, serde_json::json!([]));
+        assert_eq!(
+            call(
+                &app,
+                "GET",
+                "/api/v1/alerts?state=odd",
+                Some("read-token"),
+                ""
+            )
+            .await
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+        let (st, drift) = call(&app, "GET", "/api/v1/drift", Some("read-token"), "").await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(drift["evaluations"], serde_json::json!([]));
     }
 }

@@ -28,10 +28,85 @@ fn id_param() -> Value {
     json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } })
 }
 
+fn version_param() -> Value {
+    json!({ "name": "version", "in": "path", "required": true, "schema": { "type": "string" } })
+}
+
+/// Models, drift, alerts and silences.
+fn monitoring_paths() -> Value {
+    let not_found = json!({ "404": { "$ref": "#/components/responses/Error" } });
+    json!({
+            "/api/v1/models": {
+                "get": op("model versions with a monitoring profile", json!([]), "200", json!({}))
+            },
+            "/api/v1/models/{id}/{version}/profile": {
+                "get": op("a model version's monitoring profile", json!([id_param(), version_param()]), "200", not_found.clone()),
+                "put": {
+                    "summary": "store a model version's monitoring profile (operator); the JSON \
+                                `tinyfleet profile build` writes, validated, its model id and \
+                                version must match the path",
+                    "security": [{ "bearer": [] }],
+                    "parameters": [id_param(), version_param()],
+                    "requestBody": { "required": true, "content": { "application/json": {
+                        "schema": { "type": "object" } } } },
+                    "responses": {
+                        "204": { "description": "stored" },
+                        "400": { "$ref": "#/components/responses/Error" },
+                        "401": { "$ref": "#/components/responses/Unauthorized" },
+                        "403": { "$ref": "#/components/responses/Error" }
+                    }
+                }
+            },
+            "/api/v1/drift": {
+                "get": op("drift findings in force and recorded evaluations (newest first) with their scores", json!([
+                    q("since", "window start, ms since epoch", "integer"),
+                    q("limit", "evaluations, 1-1000 (10)", "integer")
+                ]), "200", json!({}))
+            },
+            "/api/v1/alerts": {
+                "get": op("alerts: pending, firing and recently resolved, with silences and inhibitions", json!([
+                    q("state", "pending | firing | resolved", "string")
+                ]), "200", json!({ "400": { "$ref": "#/components/responses/Error" } }))
+            },
+            "/api/v1/silences": {
+                "get": op("silences (pending, active, recently expired)", json!([]), "200", json!({})),
+                "post": {
+                    "summary": "create or update a silence (operator)",
+                    "security": [{ "bearer": [] }],
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                        "type": "object", "required": ["matchers", "comment"], "additionalProperties": false,
+                        "properties": {
+                            "matchers": { "type": "array", "items": { "type": "object",
+                                "required": ["name", "value", "op"],
+                                "properties": { "name": { "type": "string" }, "value": { "type": "string" },
+                                                "op": { "enum": ["=", "!=", "=~", "!~"] } } } },
+                            "starts_at_ms": { "type": "integer" },
+                            "ends_at_ms": { "type": "integer" },
+                            "duration_secs": { "type": "integer" },
+                            "comment": { "type": "string" },
+                            "created_by": { "type": "string" },
+                            "id": { "type": "string" }
+                        }
+                    } } } },
+                    "responses": {
+                        "201": { "description": "{\"id\": ...}" },
+                        "400": { "$ref": "#/components/responses/Error" },
+                        "401": { "$ref": "#/components/responses/Unauthorized" },
+                        "403": { "$ref": "#/components/responses/Error" },
+                        "404": { "$ref": "#/components/responses/Error" }
+                    }
+                }
+            },
+            "/api/v1/silences/{id}": {
+                "delete": op("expire a silence now (operator)", json!([id_param()]), "204", not_found.clone())
+            }
+    })
+}
+
 /// The document.
 pub fn document() -> Value {
     let not_found = json!({ "404": { "$ref": "#/components/responses/Error" } });
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "tinyfleet fleet API",
@@ -95,7 +170,7 @@ pub fn document() -> Value {
                 "get": op("a device's windowed aggregates (history)", json!([
                     id_param(), q("since", "window start, ms since epoch", "integer"),
                     q("limit", "1-1000 (100)", "integer")
-                ]), "200", not_found)
+                ]), "200", not_found.clone())
             },
             "/api/v1/cohorts": {
                 "get": op("cohorts with their latest window", json!([]), "200", json!({}))
@@ -112,7 +187,11 @@ pub fn document() -> Value {
                           json!([]), "200", json!({}))
             }
         }
-    })
+    });
+    if let (Some(paths), Value::Object(more)) = (doc["paths"].as_object_mut(), monitoring_paths()) {
+        paths.extend(more);
+    }
+    doc
 }
 
 #[cfg(test)]
@@ -123,9 +202,9 @@ mod tests {
         let paths = doc["paths"].as_object().unwrap();
         let src = include_str!("lib.rs");
         let routes: Vec<&str> = src
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix(".route(\""))
-            .filter_map(|l| l.split('"').next())
+            .split(".route(")
+            .skip(1)
+            .filter_map(|chunk| chunk.split('"').nth(1))
             .collect();
         assert!(routes.len() >= 9);
         for r in &routes {

@@ -118,7 +118,10 @@ impl std::fmt::Debug for Monitor {
     }
 }
 
-fn restore<T: serde::de::DeserializeOwned>(store: &Store, name: &str) -> Result<Option<T>, StoreError> {
+fn restore<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    name: &str,
+) -> Result<Option<T>, StoreError> {
     let Some(text) = store.service_state(name)? else {
         return Ok(None);
     };
@@ -217,7 +220,9 @@ impl Monitor {
             serde_json::to_string(&st.alerts.snapshot())
         };
         match snapshot {
-            Ok(json) => s.store.put_service_state(&[(ALERTS_STATE, &json)], now_ms)?,
+            Ok(json) => s
+                .store
+                .put_service_state(&[(ALERTS_STATE, &json)], now_ms)?,
             Err(e) => tracing::error!(error = %e, "cannot serialise the alert state"),
         }
         report.notifications = notes.len();
@@ -232,7 +237,8 @@ impl Monitor {
         let grace = self.grace_ms();
         // The newest window that has closed, plus grace, by now.
         let newest_due = (now_ms - grace).div_euclid(window) * window - window;
-        let oldest_kept = newest_due - window * i64::from(s.config.settings.max_catch_up_windows - 1);
+        let oldest_kept =
+            newest_due - window * i64::from(s.config.settings.max_catch_up_windows - 1);
         let cursor = lock(&s.state).cursor;
         let next = match cursor {
             Some(c) => c.max(oldest_kept),
@@ -309,7 +315,8 @@ impl Monitor {
         let mut triggers = Vec::new();
         if let Some(eval) = &evaluation {
             let max_age = s.config.drift.max_pool_windows;
-            st.active.update(eval, &reported, s.config.window_ms, max_age);
+            st.active
+                .update(eval, &reported, s.config.window_ms, max_age);
             let drift: Vec<_> = st.active.iter().map(conditions::finding).collect();
             notes.extend(st.alerts.evaluate(now_ms, "drift", drift));
             for request in retrain::requests(eval, &profiles) {
@@ -451,10 +458,18 @@ impl Monitor {
             let me = self.clone();
             match tokio::task::spawn_blocking(move || me.step(tinyfleet_store::now_ms())).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "monitor step failed; retrying next tick"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "monitor step failed; retrying next tick")
+                }
                 Err(e) => tracing::error!(error = %e, "monitor step panicked"),
             }
         }
+    }
+
+    /// Waits up to `timeout` for queued notifications and triggers to be delivered; `false`
+    /// if some are still waiting.
+    pub async fn flush(&self, timeout: std::time::Duration) -> bool {
+        self.shared.deliverer.flush(timeout).await
     }
 
     // ----- what the API shows and changes -----
@@ -522,7 +537,8 @@ impl Monitor {
         profile
             .validate()
             .map_err(|e| MonitorError::Profile(e.to_string()))?;
-        let json = serde_json::to_string(profile).map_err(|e| MonitorError::Profile(e.to_string()))?;
+        let json =
+            serde_json::to_string(profile).map_err(|e| MonitorError::Profile(e.to_string()))?;
         Ok(self
             .shared
             .store
@@ -571,10 +587,18 @@ impl Monitor {
         };
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        metric("tinyfleet_drift_evaluations_total", "counter", "Windows evaluated.", get(&s.stats.evaluations).to_string());
+        metric(
+            "tinyfleet_drift_evaluations_total",
+            "counter",
+            "Windows evaluated.",
+            get(&s.stats.evaluations).to_string(),
+        );
         metric(
             "tinyfleet_drift_last_window_start_seconds",
             "gauge",
@@ -587,15 +611,30 @@ impl Monitor {
             "How long the newest evaluation took.",
             (get(&s.stats.last_duration_us) as f64 / 1e6).to_string(),
         );
-        metric("tinyfleet_drift_active_findings", "gauge", "Drift findings in force.", active.to_string());
+        metric(
+            "tinyfleet_drift_active_findings",
+            "gauge",
+            "Drift findings in force.",
+            active.to_string(),
+        );
         metric(
             "tinyfleet_drift_unreadable_windows_total",
             "counter",
             "Stored window aggregates that could not be read (skipped).",
             get(&s.stats.bad_windows).to_string(),
         );
-        metric("tinyfleet_alerts_firing", "gauge", "Alerts firing.", firing.to_string());
-        metric("tinyfleet_alerts_pending", "gauge", "Alerts pending.", pending.to_string());
+        metric(
+            "tinyfleet_alerts_firing",
+            "gauge",
+            "Alerts firing.",
+            firing.to_string(),
+        );
+        metric(
+            "tinyfleet_alerts_pending",
+            "gauge",
+            "Alerts pending.",
+            pending.to_string(),
+        );
         metric(
             "tinyfleet_alerts_notifications_total",
             "counter",

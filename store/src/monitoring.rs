@@ -187,10 +187,11 @@ impl Store {
         let rows = st.query_map(params![since_ms, limit as i64], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| StoreError::Corrupt {
-            table: "drift_evaluations",
-            detail: e.to_string(),
-        })
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| StoreError::Corrupt {
+                table: "drift_evaluations",
+                detail: e.to_string(),
+            })
     }
 
     /// Deletes drift evaluations of windows that started before `before_ms`.
@@ -251,8 +252,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            store.put_profile("kws", "1", r#"{"a":1}"#, "ops", 5).unwrap();
-            store.put_profile("kws", "1", r#"{"a":2}"#, "ops", 6).unwrap();
+            store
+                .put_profile("kws", "1", r#"{"a":1}"#, "ops", 5)
+                .unwrap();
+            store
+                .put_profile("kws", "1", r#"{"a":2}"#, "ops", 6)
+                .unwrap();
             store
                 .put_service_state(&[("engine", "{}"), ("cursor", "60000")], 7)
                 .unwrap();
@@ -282,18 +287,28 @@ mod tests {
             store
                 .commit(&Batch {
                     device_windows: vec![window("d1"), window("d2"), window("d3")],
-                    states: vec![offline("d1", false), offline("d2", true), offline("d3", false)],
+                    states: vec![
+                        offline("d1", false),
+                        offline("d2", true),
+                        offline("d3", false),
+                    ],
                     ..Batch::default()
                 })
                 .unwrap();
             reg.revoke("d3").unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.profile("kws", "1").unwrap().as_deref(), Some(r#"{"a":2}"#));
+        assert_eq!(
+            store.profile("kws", "1").unwrap().as_deref(),
+            Some(r#"{"a":2}"#)
+        );
         assert_eq!(store.profile("kws", "2").unwrap(), None);
         assert_eq!(store.profile_list().unwrap()[0].updated_ms, 6);
         assert_eq!(store.profiles().unwrap().len(), 1);
-        assert_eq!(store.service_state("cursor").unwrap().as_deref(), Some("60000"));
+        assert_eq!(
+            store.service_state("cursor").unwrap().as_deref(),
+            Some("60000")
+        );
         assert_eq!(store.service_state("nope").unwrap(), None);
         let evals = store.drift_evaluations(0, 10).unwrap();
         assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [60_000, 0]);

@@ -43,11 +43,16 @@ pub struct Server {
 impl Server {
     /// Starts a server on `data_dir` with ephemeral ports; `extra` is appended to the config.
     pub fn start(data_dir: &Path, extra: &str) -> Server {
+        Self::start_with(data_dir, "", extra)
+    }
+
+    /// As [`Server::start`], with `ingest` lines added to the `[ingest]` section.
+    pub fn start_with(data_dir: &Path, ingest: &str, extra: &str) -> Server {
         let config_path = data_dir.with_extension("toml");
         let config = format!(
             "data_dir = {:?}\n\
              [broker]\nlisten = \"127.0.0.1:0\"\n\
-             [ingest]\nflush_ms = 20\n\
+             [ingest]\nflush_ms = 20\n{ingest}\n\
              [api]\nlisten = \"127.0.0.1:0\"\n\
              [[api.tokens]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\nrole = \"operator\"\n\
              [[api.tokens]]\nname = \"viewer\"\ntoken = \"{READ_TOKEN}\"\nrole = \"read\"\n{extra}",
@@ -203,21 +208,31 @@ impl SimDevice {
         DeviceId::new(&self.id).expect("valid id")
     }
 
-    /// The summary with sequence number `self.summaries_sent`, then counts it as sent.
+    /// The summary with sequence number `self.summaries_sent` (40 reference inferences), then
+    /// counts it as sent.
     pub fn next_summary(&mut self) -> (String, Vec<u8>) {
-        let profile = ReferenceProfile::default();
+        self.next_summary_with(&ReferenceProfile::default(), &StreamParams::default(), 40)
+    }
+
+    /// The next summary of `inferences` drawn with `params`, binned with `profile`'s edges.
+    pub fn next_summary_with(
+        &mut self,
+        profile: &ReferenceProfile,
+        params: &StreamParams,
+        inferences: usize,
+    ) -> (String, Vec<u8>) {
         let mut m = ReferenceMonitor::new(profile.config(3), self.boot, wire::reset::POWER_ON, 0);
         // Skip to the right sequence number by finishing empty windows (cheap, no allocation).
         let mut scratch = [0u8; 512];
         for _ in 0..self.summaries_sent {
             let _ = m.finish_window(0, None, self.device_id(), &self.key, &mut scratch);
         }
-        for _ in 0..40 {
-            m.record(&sample(&mut self.rng, &StreamParams::default()).inference())
+        for _ in 0..inferences {
+            m.record(&sample(&mut self.rng, params).inference())
                 .expect("record");
         }
         m.set_battery_mv(3600);
-        let mut out = [0u8; 512];
+        let mut out = [0u8; 1024];
         let n = m
             .finish_window(60_000, None, self.device_id(), &self.key, &mut out)
             .expect("encode");
