@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, Uri};
 use axum::routing::post;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use support::{Server, TOKEN, wait_for};
+use support::{Server, TOKEN, Victoria, wait_for};
 use tinyfleet_device::sketch::Edges;
 use tinyfleet_device::testkit::{LATENCY_US, ReferenceProfile, Rng, StreamParams, sample};
 
@@ -111,6 +111,7 @@ fn a_shift_is_detected_alerted_and_triggers_retraining() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (hook, received) = receiver();
+    let vm = Victoria::start();
 
     // The profile: built from the reference CSV, then uploaded with the CLI.
     let csv = dir.path().join("reference.csv");
@@ -137,6 +138,12 @@ fn a_shift_is_detected_alerted_and_triggers_retraining() {
         "window_secs = 2\ncheckpoint_ms = 200",
         &format!(
             r#"
+[influx]
+url = "{vm_url}"
+org = "fleet"
+bucket = "tinyfleet"
+token = "influx-token"
+flush_interval_ms = 50
 [monitor]
 grace_secs = 0
 tick_ms = 100
@@ -152,7 +159,8 @@ kind = {{ type = "alertmanager_webhook", url = "{hook}/alerts" }}
 [[alerts.receivers]]
 name = "retrain"
 kind = {{ type = "retrain_webhook", url = "{hook}/retrain" }}
-"#
+"#,
+            vm_url = vm.url
         ),
     );
     tinyfleet(&[
@@ -274,6 +282,15 @@ kind = {{ type = "retrain_webhook", url = "{hook}/retrain" }}
     assert_eq!(topic, "tf/ops/v1/alerts/FeatureDrift");
     let event: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(event["status"], "firing");
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
+        .unwrap();
+    let start = doc.find("alert-event = {").expect("alert-event CDDL in protocol.md");
+    let cddl = &doc[start..start + doc[start..].find("```").unwrap()];
+    cddl::validate_json_from_str(cddl, std::str::from_utf8(&body).unwrap(), None)
+        .unwrap_or_else(|e| panic!("alert event does not match protocol.md: {e:?}"));
+    let mut wrong = event.clone();
+    wrong["status"] = "odd".into();
+    assert!(cddl::validate_json_from_str(cddl, &wrong.to_string(), None).is_err());
 
     // Drift scores and findings in the API, counters in /metrics.
     let drift = server.get("/api/v1/drift");
@@ -287,6 +304,14 @@ kind = {{ type = "retrain_webhook", url = "{hook}/retrain" }}
         .unwrap();
     assert!(metrics.contains("tinyfleet_drift_evaluations_total"));
     assert!(metrics.contains("tinyfleet_alerts_delivery_sent_total{receiver=\"hook\"}"));
+
+    // Drift scores in the time-series store (VictoriaMetrics names fields `measurement_field`).
+    let psi = wait_for("tf_drift points", Duration::from_secs(20), || {
+        let out = vm.export("tf_drift_psi");
+        out.contains("\"scope\":\"kws@3\"").then_some(out)
+    });
+    assert!(psi.contains("\"subject\":\"f0\""), "{psi}");
+    assert!(psi.contains("\"scope_kind\":\"model\""), "{psi}");
 
     // A device whose connection is taken over uncleanly goes offline by its will, and
     // DeviceOffline fires (its rule has for_ms = 0 here).

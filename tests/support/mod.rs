@@ -337,3 +337,65 @@ impl Session {
         let _ = self.client.disconnect();
     }
 }
+
+/// A VictoriaMetrics server (it speaks InfluxDB's `/api/v2/write`), killed on drop.
+pub struct Victoria {
+    child: std::process::Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Victoria {
+    pub fn start() -> Victoria {
+        let bin = std::env::var("VICTORIA_METRICS_BIN")
+            .unwrap_or_else(|_| "/usr/bin/victoria-metrics".into());
+        assert!(
+            std::path::Path::new(&bin).exists(),
+            "{bin} is missing: run scripts/ensure-victoria-metrics.sh (scripts/test.sh does)"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = std::process::Command::new(bin)
+            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+            .arg(format!("-storageDataPath={}", dir.path().display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start victoria-metrics");
+        let url = format!("http://127.0.0.1:{port}");
+        wait_for("victoria-metrics health", Duration::from_secs(20), || {
+            reqwest::blocking::get(format!("{url}/health"))
+                .ok()
+                .filter(|r| r.status().is_success())
+        });
+        Victoria {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    /// The exported series lines of `metric`.
+    pub fn export(&self, metric: &str) -> String {
+        let client = reqwest::blocking::Client::new();
+        let _ = client
+            .post(format!("{}/internal/force_flush", self.url))
+            .send();
+        client
+            .get(format!("{}/api/v1/export", self.url))
+            .query(&[("match[]", format!("{{__name__=\"{metric}\"}}"))])
+            .send()
+            .and_then(|r| r.text())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Victoria {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
