@@ -14,9 +14,10 @@
 //! Invariants:
 //! - Each window is evaluated once, in order; the engine's state and the cursor past that
 //!   window are saved in one transaction, so a restart neither skips nor repeats a window.
-//! - Presence is evaluated before drift in every step, so an offline device's
-//!   `DeviceOffline` is firing (and inhibits its drift alerts) before its stale statistics are
-//!   judged.
+//! - Presence is evaluated before drift in every step, so once an offline device's
+//!   `DeviceOffline` fires (after its rule's `for_ms`), it inhibits that device's drift alerts
+//!   from the same step on.
+//! - What the alert manager has decided is delivered even when a store write fails.
 //! - The monitor reads ingest's results through the store only; it never touches ingest.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -32,8 +33,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::json;
 use tinyfleet_alerts::{
-    AlertManager, AlertView, Deliverer, Notification, RetrainDecision, Silence, SilenceError,
-    SilenceView, Snapshot,
+    AlertManager, AlertView, Deliverer, Notification, RetrainDecision, RetrainTrigger, Silence,
+    SilenceError, SilenceView, Snapshot,
 };
 use tinyfleet_drift::engine::{DeviceWindow, Engine, Finding, Score};
 use tinyfleet_drift::profile::MonitoringProfile;
@@ -82,7 +83,6 @@ struct Stats {
     last_window_start_ms: AtomicU64,
     last_duration_us: AtomicU64,
     bad_windows: AtomicU64,
-    retrain_triggers: AtomicU64,
     mqtt_events: AtomicU64,
 }
 
@@ -94,10 +94,19 @@ struct State {
     alerts: AlertManager,
 }
 
+/// What one step hands to delivery.
+#[derive(Default)]
+struct Outbox {
+    notes: Vec<Notification>,
+    triggers: Vec<RetrainTrigger>,
+}
+
 struct Shared {
     store: Store,
     config: MonitorConfig,
     state: Mutex<State>,
+    /// Held while a snapshot is taken and written (see `Monitor::save_alerts`).
+    save_lock: Mutex<()>,
     deliverer: Deliverer,
     influx: Option<InfluxSink>,
     publish: Option<Publish>,
@@ -172,6 +181,7 @@ impl Monitor {
             shared: Arc::new(Shared {
                 store,
                 config,
+                save_lock: Mutex::new(()),
                 state: Mutex::new(State {
                     engine,
                     cursor,
@@ -197,37 +207,37 @@ impl Monitor {
 
     /// Presence, then every window that has closed (plus grace) by `now_ms`, then alert
     /// timers; delivers what comes out. Synchronous (store and CPU): run it off the runtime.
+    ///
+    /// What the alert manager decided is delivered even when a store write fails half-way (the
+    /// alert manager has already recorded those notifications as sent).
     pub fn step(&self, now_ms: i64) -> Result<StepReport, MonitorError> {
-        let s = &*self.shared;
+        let mut out = Outbox::default();
         let mut report = StepReport::default();
-        let mut notes: Vec<Notification> = Vec::new();
+        let result = self.step_into(now_ms, &mut out, &mut report);
+        report.notifications = out.notes.len();
+        report.retrain_triggers = out.triggers.len();
+        self.deliver(&out);
+        result.map(|()| report)
+    }
 
+    fn step_into(
+        &self,
+        now_ms: i64,
+        out: &mut Outbox,
+        report: &mut StepReport,
+    ) -> Result<(), MonitorError> {
+        let s = &*self.shared;
         let offline = s.store.offline_devices()?;
-        notes.extend(lock(&s.state).alerts.evaluate(
+        out.notes.extend(lock(&s.state).alerts.evaluate(
             now_ms,
             "presence",
             conditions::presence(&offline, now_ms),
         ));
-
         while let Some(start) = self.next_due(now_ms)? {
-            report.retrain_triggers += self.evaluate_window(start, now_ms, &mut notes)?;
+            self.evaluate_window(start, now_ms, out)?;
             report.windows += 1;
         }
-
-        let snapshot = {
-            let mut st = lock(&s.state);
-            notes.extend(st.alerts.tick(now_ms));
-            serde_json::to_string(&st.alerts.snapshot())
-        };
-        match snapshot {
-            Ok(json) => s
-                .store
-                .put_service_state(&[(ALERTS_STATE, &json)], now_ms)?,
-            Err(e) => tracing::error!(error = %e, "cannot serialise the alert state"),
-        }
-        report.notifications = notes.len();
-        self.deliver(&notes);
-        Ok(report)
+        self.save_alerts(now_ms, |st| out.notes.extend(st.alerts.tick(now_ms)))
     }
 
     /// The start of the next window to evaluate if it is due.
@@ -250,13 +260,13 @@ impl Monitor {
         Ok((next <= newest_due).then_some(next))
     }
 
-    /// Evaluates the window starting at `start`; returns the retraining triggers sent.
+    /// Evaluates the window starting at `start`, adding what is to be delivered to `out`.
     fn evaluate_window(
         &self,
         start: i64,
         now_ms: i64,
-        notes: &mut Vec<Notification>,
-    ) -> Result<usize, MonitorError> {
+        out: &mut Outbox,
+    ) -> Result<(), MonitorError> {
         let s = &*self.shared;
         let began = std::time::Instant::now();
         let inputs = s.store.drift_inputs(start)?;
@@ -306,26 +316,29 @@ impl Monitor {
         let health = conditions::health(&health_inputs, &s.config.health);
         let reported: HashSet<&str> = health_inputs.iter().map(|h| h.device).collect();
 
+        // Saves are serialised and snapshot under `save_lock`, so an older snapshot can never
+        // overwrite a newer one (the API saves silences concurrently).
+        let saving = lock(&s.save_lock);
         let mut st = lock(&s.state);
         let evaluation = s
             .config
             .settings
             .drift
             .then(|| st.engine.evaluate(start, &windows, &profiles));
-        let mut triggers = Vec::new();
         if let Some(eval) = &evaluation {
             let max_age = s.config.drift.max_pool_windows;
             st.active
                 .update(eval, &reported, s.config.window_ms, max_age);
             let drift: Vec<_> = st.active.iter().map(conditions::finding).collect();
-            notes.extend(st.alerts.evaluate(now_ms, "drift", drift));
+            out.notes.extend(st.alerts.evaluate(now_ms, "drift", drift));
             for request in retrain::requests(eval, &profiles) {
                 if let RetrainDecision::Trigger(t) = st.alerts.retrain(now_ms, request) {
-                    triggers.push(t);
+                    out.triggers.push(t);
                 }
             }
         }
-        notes.extend(st.alerts.evaluate(now_ms, "health", health));
+        out.notes
+            .extend(st.alerts.evaluate(now_ms, "health", health));
         st.cursor = Some(start + s.config.window_ms);
         let saved = (
             serde_json::to_string(&st.engine),
@@ -349,6 +362,7 @@ impl Monitor {
             )?,
             _ => tracing::error!("cannot serialise the monitor state; it is not saved"),
         }
+        drop(saving);
         if let Some(eval) = &evaluation {
             let mut scores: Vec<&Score> = eval.scores.iter().collect();
             scores.sort_by_key(|s| s.scope.kind == tinyfleet_drift::engine::ScopeKind::Device);
@@ -379,16 +393,6 @@ impl Monitor {
                 );
             }
         }
-        for t in &triggers {
-            tracing::info!(
-                model = %t.request.model_id,
-                version = %t.request.model_version,
-                cohort = %t.request.cohort,
-                reason = %t.request.reason,
-                "retraining triggered"
-            );
-            s.deliverer.retrain(t);
-        }
         let stats = &s.stats;
         stats.evaluations.fetch_add(1, Ordering::Relaxed);
         stats
@@ -397,10 +401,7 @@ impl Monitor {
         stats
             .last_duration_us
             .store(duration.as_micros() as u64, Ordering::Relaxed);
-        stats
-            .retrain_triggers
-            .fetch_add(triggers.len() as u64, Ordering::Relaxed);
-        Ok(triggers.len())
+        Ok(())
     }
 
     fn load_profiles(&self) -> Result<HashMap<(String, String), MonitoringProfile>, MonitorError> {
@@ -418,11 +419,22 @@ impl Monitor {
         Ok(out)
     }
 
-    fn deliver(&self, notes: &[Notification]) {
+    fn deliver(&self, out: &Outbox) {
+        let s = &*self.shared;
+        for t in &out.triggers {
+            tracing::info!(
+                model = %t.request.model_id,
+                version = %t.request.model_version,
+                cohort = %t.request.cohort,
+                reason = %t.request.reason,
+                "retraining triggered"
+            );
+            s.deliverer.retrain(t);
+        }
+        let notes = &out.notes;
         if notes.is_empty() {
             return;
         }
-        let s = &*self.shared;
         s.deliverer.notify(notes);
         let (Some(publish), prefix) = (&s.publish, &s.config.settings.alert_topic) else {
             return;
@@ -485,37 +497,41 @@ impl Monitor {
 
     /// Adds (or, with an existing id, updates) a silence and saves the alert state.
     pub fn add_silence(&self, now_ms: i64, silence: Silence) -> Result<String, MonitorError> {
-        let (id, json) = {
-            let mut st = lock(&self.shared.state);
-            let id = st.alerts.add_silence(now_ms, silence)?;
-            (id, serde_json::to_string(&st.alerts.snapshot()))
-        };
-        self.save_alerts(json, now_ms)?;
-        Ok(id)
+        let mut result = Ok(String::new());
+        self.save_alerts(now_ms, |st| {
+            result = st.alerts.add_silence(now_ms, silence);
+        })?;
+        Ok(result?)
     }
 
     /// Ends a silence now and saves the alert state.
     pub fn expire_silence(&self, now_ms: i64, id: &str) -> Result<(), MonitorError> {
-        let json = {
-            let mut st = lock(&self.shared.state);
-            st.alerts.expire_silence(now_ms, id)?;
-            serde_json::to_string(&st.alerts.snapshot())
-        };
-        self.save_alerts(json, now_ms)
+        let mut result = Ok(());
+        self.save_alerts(now_ms, |st| {
+            result = st.alerts.expire_silence(now_ms, id);
+        })?;
+        Ok(result?)
     }
 
+    /// Applies `change` to the state, then saves the alert state as it is after the change.
+    /// Saves are serialised and snapshot under `save_lock`, so they land in snapshot order.
     fn save_alerts(
         &self,
-        json: Result<String, serde_json::Error>,
         now_ms: i64,
+        change: impl FnOnce(&mut State),
     ) -> Result<(), MonitorError> {
+        let s = &*self.shared;
+        let _saving = lock(&s.save_lock);
+        let json = {
+            let mut st = lock(&s.state);
+            change(&mut st);
+            serde_json::to_string(&st.alerts.snapshot())
+        };
         let json = json.map_err(|e| StoreError::Corrupt {
             table: "service_state",
             detail: e.to_string(),
         })?;
-        Ok(self
-            .shared
-            .store
+        Ok(s.store
             .put_service_state(&[(ALERTS_STATE, &json)], now_ms)?)
     }
 
