@@ -282,9 +282,11 @@ kind = {{ type = "retrain_webhook", url = "{hook}/retrain" }}
     assert_eq!(topic, "tf/ops/v1/alerts/FeatureDrift");
     let event: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(event["status"], "firing");
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
-        .unwrap();
-    let start = doc.find("alert-event = {").expect("alert-event CDDL in protocol.md");
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md")).unwrap();
+    let start = doc
+        .find("alert-event = {")
+        .expect("alert-event CDDL in protocol.md");
     let cddl = &doc[start..start + doc[start..].find("```").unwrap()];
     cddl::validate_json_from_str(cddl, std::str::from_utf8(&body).unwrap(), None)
         .unwrap_or_else(|e| panic!("alert event does not match protocol.md: {e:?}"));
