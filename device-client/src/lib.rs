@@ -37,6 +37,7 @@ pub mod counts;
 #[cfg(feature = "std")]
 pub mod decoded;
 pub mod monitor;
+pub mod ota;
 pub mod sketch;
 #[cfg(feature = "std")]
 pub mod testkit;
