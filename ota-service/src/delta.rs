@@ -4,15 +4,16 @@
 //! For each output block the builder tries a few source offsets in the base image (the same
 //! offset, the previous block's offset + one block, for tensors that moved; and offsets where
 //! sampled 16-byte windows of the block occur in the base) and, for each, every encoding:
-//! COPY (identical), ADD (arithmetic difference, packed 8/4/2/1 bits per byte when the deltas
-//! fit, with or without LZ4), and LITERAL (the bytes, with or without LZ4). It keeps the
-//! smallest record. Retraining moves int8 weights by small amounts, which byte-matching diffs
-//! cannot use but 2-4 bit deltas can.
+//! COPY (identical), ADD (arithmetic difference as raw bytes, Rice-coded with k = 0, 1, 2, or
+//! sparse (gap, value) pairs, each with or without LZ4), and LITERAL (the bytes, with or
+//! without LZ4). It keeps the smallest record; a source that continues the previous record's is
+//! not stored. Retraining moves int8 weights by small amounts, which byte-matching diffs cannot
+//! use but a Rice code of the differences stores in one or two bits per weight.
 
 use std::collections::HashMap;
 
 use tinyfleet_device::ota::patch::{
-    KIND_ADD, KIND_COPY, KIND_LITERAL, OP_LZ4, PatchHeader, width_bits, zigzag,
+    CODE_SHIFT, DeltaCode, KIND_ADD, KIND_COPY, KIND_LITERAL, OP_LZ4, OP_NEXT, PatchHeader, zigzag,
 };
 
 /// Output bytes per record: the device's patcher needs about three of these in RAM.
@@ -92,42 +93,134 @@ impl Index {
     }
 }
 
-/// The smallest record for one block from one source, appended to `out`.
-fn encode_from(src: u32, base: &[u8], block: &[u8], out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
-    let s = src as usize;
-    let from = &base[s..s + block.len()];
-    if from == block {
-        out.push(KIND_COPY);
-        out.extend_from_slice(&src.to_le_bytes());
-        return;
-    }
-    // Smallest width that holds every zigzag delta.
-    let max_code = block
-        .iter()
-        .zip(from)
-        .map(|(n, b)| zigzag(n.wrapping_sub(*b) as i8))
-        .max()
-        .unwrap_or(0);
-    let code = match max_code {
-        0..=1 => 3u8,
-        2..=3 => 2,
-        4..=15 => 1,
-        _ => 0,
-    };
-    let bits = width_bits(code);
-    scratch.clear();
-    if bits == 8 {
-        scratch.extend(block.iter().zip(from).map(|(n, b)| n.wrapping_sub(*b)));
-    } else {
-        let per_byte = (8 / bits) as usize;
-        scratch.resize(block.len().div_ceil(per_byte), 0);
-        for (i, (n, b)) in block.iter().zip(from).enumerate() {
-            let z = zigzag(n.wrapping_sub(*b) as i8);
-            scratch[i / per_byte] |= z << ((i % per_byte) as u32 * bits);
+/// Writes bit fields LSB first.
+#[derive(Default)]
+struct BitWriter {
+    out: Vec<u8>,
+    acc: u64,
+    n: u32,
+}
+
+impl BitWriter {
+    fn put(&mut self, bits: u64, count: u32) {
+        debug_assert!(count <= 32);
+        self.acc |= bits << self.n;
+        self.n += count;
+        while self.n >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.n -= 8;
         }
     }
-    let op = KIND_ADD | code << 2;
-    push_payload(out, op, Some(src), scratch);
+
+    fn unary(&mut self, mut q: u32) {
+        while q >= 32 {
+            self.put(u64::from(u32::MAX), 32);
+            q -= 32;
+        }
+        self.put((1u64 << q) - 1, q + 1);
+    }
+
+    /// Exp-Golomb of order `g` (see the patcher).
+    fn exp_golomb(&mut self, v: u32, g: u32) {
+        let m = u64::from(v) + (1 << g);
+        let n = 63 - m.leading_zeros();
+        self.unary(n - g);
+        self.put(m & ((1 << n) - 1), n);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.n > 0 {
+            self.out.push(self.acc as u8);
+        }
+        self.out
+    }
+}
+
+/// The delta bytes of one ADD record in `code`'s encoding.
+fn code_deltas(deltas: &[u8], code: DeltaCode) -> Vec<u8> {
+    match code {
+        DeltaCode::Raw => deltas.to_vec(),
+        DeltaCode::Rice(k) => {
+            let mut w = BitWriter::default();
+            for d in deltas {
+                let z = u32::from(zigzag(*d as i8));
+                w.unary(z >> k);
+                w.put(u64::from(z & ((1 << k) - 1)), k);
+            }
+            w.finish()
+        }
+        DeltaCode::Sparse(g) => {
+            let mut w = BitWriter::default();
+            let mut pos = 0;
+            for (i, d) in deltas.iter().enumerate().filter(|(_, d)| **d != 0) {
+                w.exp_golomb((i - pos) as u32, g);
+                w.exp_golomb(u32::from(zigzag(*d as i8)) - 1, 0);
+                pos = i + 1;
+            }
+            if pos < deltas.len() {
+                w.exp_golomb((deltas.len() - pos) as u32, g);
+            }
+            w.finish()
+        }
+    }
+}
+
+/// Every ADD encoding worth trying.
+const CODES: [DeltaCode; 8] = [
+    DeltaCode::Raw,
+    DeltaCode::Rice(0),
+    DeltaCode::Rice(1),
+    DeltaCode::Rice(2),
+    DeltaCode::Sparse(0),
+    DeltaCode::Sparse(2),
+    DeltaCode::Sparse(4),
+    DeltaCode::Sparse(6),
+];
+
+/// The smallest record for one block from one source, appended to `out`; `next` is the source
+/// the patcher expects without one being stored.
+fn encode_from(src: u32, next: u32, base: &[u8], block: &[u8], out: &mut Vec<u8>) {
+    let s = src as usize;
+    let from = &base[s..s + block.len()];
+    let (next_bit, stored) = if src == next {
+        (OP_NEXT, None)
+    } else {
+        (0, Some(src))
+    };
+    if from == block {
+        out.push(KIND_COPY | next_bit);
+        if let Some(src) = stored {
+            out.extend_from_slice(&src.to_le_bytes());
+        }
+        return;
+    }
+    let deltas: Vec<u8> = block
+        .iter()
+        .zip(from)
+        .map(|(n, b)| n.wrapping_sub(*b))
+        .collect();
+    let mut best: Option<Vec<u8>> = None;
+    for code in CODES {
+        let Some(bits) = code.bits() else { continue };
+        let coded = code_deltas(&deltas, code);
+        if coded.len() > block.len() {
+            continue;
+        }
+        let mut trial = Vec::new();
+        push_payload(
+            &mut trial,
+            KIND_ADD | bits << CODE_SHIFT | next_bit,
+            stored,
+            &coded,
+        );
+        if best.as_ref().is_none_or(|b| trial.len() < b.len()) {
+            best = Some(trial);
+        }
+    }
+    if let Some(best) = best {
+        out.extend_from_slice(&best);
+    }
 }
 
 /// Appends `op [src] plen payload`, LZ4-compressing the payload when that is smaller.
@@ -164,9 +257,10 @@ pub fn diff(base: &[u8], new: &[u8], block_size: u16) -> Result<(Vec<u8>, DiffSt
     let mut stats = DiffStats::default();
     let index = Index::new(base);
     let bs = usize::from(block_size);
-    let (mut best, mut trial, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut best, mut trial) = (Vec::new(), Vec::new());
     let mut candidates = Vec::new();
-    let mut previous: Option<u32> = None;
+    // The source the patcher expects next (see `OP_NEXT`).
+    let mut next: u32 = 0;
     for (i, block) in new.chunks(bs).enumerate() {
         let at = i * bs;
         candidates.clear();
@@ -174,11 +268,8 @@ pub fn diff(base: &[u8], new: &[u8], block_size: u16) -> Result<(Vec<u8>, DiffSt
         if fits(at) {
             candidates.push(at as u32);
         }
-        if let Some(p) = previous.map(|p| p as usize + bs)
-            && fits(p)
-            && !candidates.contains(&(p as u32))
-        {
-            candidates.push(p as u32);
+        if fits(next as usize) && !candidates.contains(&next) {
+            candidates.push(next);
         }
         index.candidates(base, block, &mut candidates);
         candidates.retain(|&src| fits(src as usize));
@@ -189,7 +280,7 @@ pub fn diff(base: &[u8], new: &[u8], block_size: u16) -> Result<(Vec<u8>, DiffSt
         let mut chosen = None;
         for &src in &candidates {
             trial.clear();
-            encode_from(src, base, block, &mut trial, &mut scratch);
+            encode_from(src, next, base, block, &mut trial);
             if trial.len() < best.len() {
                 std::mem::swap(&mut best, &mut trial);
                 chosen = Some(src);
@@ -208,7 +299,7 @@ pub fn diff(base: &[u8], new: &[u8], block_size: u16) -> Result<(Vec<u8>, DiffSt
             }
             _ => stats.literal += 1,
         }
-        previous = chosen;
+        next = chosen.unwrap_or(next).wrapping_add(block.len() as u32);
         patch.extend_from_slice(&best);
     }
     Ok((patch, stats))
@@ -289,10 +380,18 @@ mod tests {
         assert_eq!(apply(&base, &patch, 4096).unwrap(), shifted);
         assert!(stats.moved > 50, "{stats:?}");
         assert!(patch.len() < 3000 + 64 * 80, "{}", patch.len());
-        // Identical images: COPY records only.
+        // Identical images: one-byte COPY records only.
         let (patch, stats) = diff(&base, &base, 1024).unwrap();
         assert_eq!(stats.copy, 64);
-        assert_eq!(patch.len(), 16 + 64 * 5);
+        assert_eq!(patch.len(), 16 + 64);
+        // A sparse update: a few bits per changed weight.
+        let mut sparse = base.clone();
+        for i in (0..sparse.len()).step_by(97) {
+            sparse[i] = sparse[i].wrapping_add(40);
+        }
+        let (patch, _) = diff(&base, &sparse, 1024).unwrap();
+        assert_eq!(apply(&base, &patch, 333).unwrap(), sparse);
+        assert!(patch.len() < (sparse.len() / 97) * 3, "{}", patch.len());
     }
 
     #[test]

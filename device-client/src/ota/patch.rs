@@ -7,20 +7,31 @@
 //! ```text
 //! header  = "TFP1" block_size:u16le reserved:u16le(0) target_size:u32le base_size:u32le
 //! record  = op:u8 [src:u32le] [plen:u16le payload:plen bytes]     one per output block
-//! op      = kind (bits 0-1) | width (bits 2-3) << 2 | lz4 (bit 4) << 4; bits 5-7 zero
+//! op      = kind (bits 0-1) | code (bits 2-4) | lz4 (bit 5) | next (bit 6); bit 7 zero
 //!   kind 0 COPY     out = base[src .. src+len]                     (src, no payload)
 //!   kind 1 ADD      out[i] = base[src+i] + delta[i] (mod 256)      (src, payload)
 //!   kind 2 LITERAL  out = payload                                   (payload)
-//!   width (ADD)     0: delta bytes as they are; 1, 2, 3: 4, 2, 1-bit zigzag codes of the
-//!                   signed delta, packed LSB first
-//!   lz4             the payload is an LZ4 block (lz4_flex block format, no size prefix)
+//!   next (COPY, ADD) src is not stored: it is the previous record's src + its length (0 for
+//!                   the first record; a LITERAL counts as if its src were the one expected)
+//!   code (ADD only) how the deltas are stored, with z the zigzag code of a signed delta
+//!                   (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...):
+//!                   0     the delta bytes as they are
+//!                   1-3   Rice, k = code - 1: z >> k one bits, a zero bit, the low k bits of z
+//!                   4-7   sparse, g = 2 * (code - 4): repeated (gap, value): gap = zero deltas
+//!                         before the next non-zero one, Exp-Golomb of order g; value = z - 1,
+//!                         Exp-Golomb of order 0; a gap that reaches the end of the block ends it
+//!                   Exp-Golomb of order g: v + 2^g has n + 1 significant bits; n - g one bits,
+//!                   a zero bit, then its low n bits. All bit fields LSB first, bytes filled
+//!                   from bit 0, the last byte padded with zero bits.
+//!   lz4 (ADD, LITERAL) the payload is an LZ4 block (lz4_flex block format, no size prefix)
 //! ```
 //!
 //! `len` of a record is `block_size`, except for the last, which ends at `target_size`. A patch
 //! ends exactly after the record that reaches `target_size`; anything after it is an error. Why
 //! this shape: retraining moves every int8 weight a little, so byte-matching diffs (bsdiff) find
-//! nothing, while the arithmetic difference of aligned regions is small and packs into 1-4 bits
-//! per weight; moved tensors are found by `src`; unchanged regions cost 5 bytes per block.
+//! nothing, while the arithmetic difference of aligned regions is mostly 0 and +-1, which a Rice
+//! code stores in 1-2 bits per weight (and a sparse update in a few bits per changed weight);
+//! moved tensors are found by `src`; unchanged regions cost one byte per block.
 
 use lz4_flex::block::decompress_into;
 
@@ -34,15 +45,41 @@ pub const KIND_COPY: u8 = 0;
 pub const KIND_ADD: u8 = 1;
 pub const KIND_LITERAL: u8 = 2;
 /// The op bit that marks an LZ4-compressed payload.
-pub const OP_LZ4: u8 = 1 << 4;
+pub const OP_LZ4: u8 = 1 << 5;
+/// The op bit that leaves `src` out (it is the expected one).
+pub const OP_NEXT: u8 = 1 << 6;
+/// Shift of the ADD code in the op byte.
+pub const CODE_SHIFT: u8 = 2;
 
-/// Bits per delta for an ADD record's width code.
-pub const fn width_bits(code: u8) -> u32 {
-    match code {
-        1 => 4,
-        2 => 2,
-        3 => 1,
-        _ => 8,
+/// How an ADD record stores its deltas (bits 2-4 of the op).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaCode {
+    /// The delta bytes as they are.
+    Raw,
+    /// Rice codes of the zigzag codes with parameter `k` (0-2).
+    Rice(u32),
+    /// (gap, value) pairs, gaps Exp-Golomb of order `g` (0, 2, 4, 6).
+    Sparse(u32),
+}
+
+impl DeltaCode {
+    /// The code of op bits 2-4.
+    pub const fn from_bits(code: u8) -> Self {
+        match code & 0b111 {
+            0 => Self::Raw,
+            c @ 1..=3 => Self::Rice(c as u32 - 1),
+            c => Self::Sparse(2 * (c as u32 - 4)),
+        }
+    }
+
+    /// Op bits 2-4 of this code (`None` for parameters the format has no code for).
+    pub const fn bits(self) -> Option<u8> {
+        match self {
+            Self::Raw => Some(0),
+            Self::Rice(k) if k <= 2 => Some(k as u8 + 1),
+            Self::Sparse(g) if g <= 6 && g % 2 == 0 => Some(4 + g as u8 / 2),
+            _ => None,
+        }
     }
 }
 
@@ -95,13 +132,15 @@ pub trait Slots {
     fn write_out(&mut self, offset: u32, data: &[u8]) -> Result<(), Self::Error>;
 }
 
-/// A record boundary: patch bytes consumed and output bytes written there. Feeding the patch
-/// from `patch_offset` to a patcher [resumed](Patcher::resume) here continues the install.
+/// A record boundary: patch bytes consumed and output bytes written there, and the base offset
+/// a `next` record would read. Feeding the patch from `patch_offset` to a patcher
+/// [resumed](Patcher::resume) here continues the install.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Position {
     pub patch_offset: u32,
     pub out_offset: u32,
+    pub next_src: u32,
 }
 
 /// What is wrong with a patch.
@@ -122,7 +161,7 @@ pub enum Malformed {
     PayloadLength,
     /// The LZ4 payload does not decompress to the expected length.
     Decompress,
-    /// An ADD delta code does not fit its width.
+    /// An ADD record's coded deltas are malformed, or do not end with its payload.
     Delta,
     /// Bytes after the last record.
     TrailingData,
@@ -199,6 +238,7 @@ impl<const B: usize> Patcher<B> {
             boundary: Position {
                 patch_offset: 0,
                 out_offset: 0,
+                next_src: 0,
             },
         }
     }
@@ -216,6 +256,7 @@ impl<const B: usize> Patcher<B> {
         }
         let mut p = Self::new();
         p.header = Some(header);
+        p.src = at.next_src;
         p.consumed = at.patch_offset;
         p.written = at.out_offset;
         p.boundary = at;
@@ -272,6 +313,7 @@ impl<const B: usize> Patcher<B> {
                         self.boundary = Position {
                             patch_offset: self.consumed,
                             out_offset: 0,
+                            next_src: 0,
                         };
                         self.stage = if h.target_size == 0 {
                             Stage::Done
@@ -310,15 +352,18 @@ impl<const B: usize> Patcher<B> {
     fn fields_complete<S: Slots>(&mut self, slots: &mut S) -> Result<(), PatchError<S::Error>> {
         let op = self.fields[0];
         let kind = op & 0b11;
-        let width = (op >> 2) & 0b11;
-        if op & 0b1110_0000 != 0 || kind > KIND_LITERAL {
+        let code = (op >> CODE_SHIFT) & 0b111;
+        let (lz4, next) = (op & OP_LZ4 != 0, op & OP_NEXT != 0);
+        let invalid = op & 0x80 != 0
+            || kind > KIND_LITERAL
+            || (kind != KIND_ADD && code != 0)
+            || (kind == KIND_COPY && lz4)
+            || (kind == KIND_LITERAL && next);
+        if invalid {
             return Err(Malformed::Op.into());
         }
-        if kind != KIND_ADD && width != 0 || kind == KIND_COPY && op & OP_LZ4 != 0 {
-            return Err(Malformed::Op.into());
-        }
-        let need =
-            1 + if kind == KIND_LITERAL { 0 } else { 4 } + if kind == KIND_COPY { 0 } else { 2 };
+        let has_src = kind != KIND_LITERAL && !next;
+        let need = 1 + if has_src { 4 } else { 0 } + if kind == KIND_COPY { 0 } else { 2 };
         if self.filled < need {
             // Only the op byte so far: now the rest of the fields.
             self.stage = Stage::Fields { need };
@@ -327,7 +372,7 @@ impl<const B: usize> Patcher<B> {
         self.op = op;
         let f = &self.fields;
         let mut at = 1;
-        if kind != KIND_LITERAL {
+        if has_src {
             self.src = u32::from_le_bytes([f[1], f[2], f[3], f[4]]);
             at = 5;
         }
@@ -372,31 +417,37 @@ impl<const B: usize> Patcher<B> {
                 }
             }
             _ => {
-                let bits = width_bits((self.op >> 2) & 0b11);
-                let packed = (len * bits as usize).div_ceil(8);
+                let code = DeltaCode::from_bits(self.op >> CODE_SHIFT);
                 let deltas: &[u8] = if lz4 {
-                    let n = decompress_into(&self.payload[..plen], &mut self.scratch[..packed])
+                    let n = decompress_into(&self.payload[..plen], &mut self.scratch)
                         .map_err(|_| Malformed::Decompress)?;
-                    if n != packed {
-                        return Err(Malformed::Decompress.into());
-                    }
-                    &self.scratch[..packed]
-                } else if plen == packed {
-                    &self.payload[..packed]
+                    &self.scratch[..n]
                 } else {
-                    return Err(Malformed::PayloadLength.into());
+                    &self.payload[..plen]
                 };
                 slots.read_base(self.src, out).map_err(PatchError::Io)?;
-                add_deltas(out, deltas, bits)?;
+                match code {
+                    DeltaCode::Raw if deltas.len() == len => {
+                        for (o, d) in out.iter_mut().zip(deltas) {
+                            *o = o.wrapping_add(*d);
+                        }
+                    }
+                    DeltaCode::Raw => return Err(Malformed::PayloadLength.into()),
+                    DeltaCode::Rice(k) => add_rice(out, deltas, k)?,
+                    DeltaCode::Sparse(g) => add_sparse(out, deltas, g)?,
+                }
             }
         }
         slots
             .write_out(self.written, &self.out[..len])
             .map_err(PatchError::Io)?;
         self.written += len as u32;
+        // The next implicit source follows this record's (a LITERAL keeps the expected one).
+        self.src = self.src.wrapping_add(len as u32);
         self.boundary = Position {
             patch_offset: self.consumed,
             out_offset: self.written,
+            next_src: self.src,
         };
         self.stage = if self.written == h.target_size {
             Stage::Done
@@ -417,30 +468,99 @@ pub const fn unzigzag(z: u8) -> i8 {
     ((z >> 1) as i8) ^ -((z & 1) as i8)
 }
 
-/// `out[i] += delta[i]` with deltas packed `bits` wide (8: raw wrapping bytes).
-fn add_deltas(out: &mut [u8], packed: &[u8], bits: u32) -> Result<(), Malformed> {
-    if bits == 8 {
-        for (o, d) in out.iter_mut().zip(packed) {
-            *o = o.wrapping_add(*d);
+/// Reads bits LSB first.
+struct Bits<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Bits<'_> {
+    fn bit(&mut self) -> Result<u8, Malformed> {
+        let byte = self.bytes.get(self.at / 8).ok_or(Malformed::Delta)?;
+        let b = (byte >> (self.at % 8)) & 1;
+        self.at += 1;
+        Ok(b)
+    }
+
+    /// `n` bits as a number, the first read the lowest.
+    fn bits(&mut self, n: u32) -> Result<u32, Malformed> {
+        let mut v = 0;
+        for i in 0..n {
+            v |= u32::from(self.bit()?) << i;
         }
-        return Ok(());
+        Ok(v)
     }
-    let per_byte = (8 / bits) as usize;
-    let mask = (1u8 << bits) - 1;
-    for (i, o) in out.iter_mut().enumerate() {
-        let byte = packed.get(i / per_byte).copied().ok_or(Malformed::Delta)?;
-        let code = (byte >> ((i % per_byte) as u32 * bits)) & mask;
-        *o = o.wrapping_add(unzigzag(code) as u8);
+
+    /// One bits up to a zero bit, at most `max`.
+    fn unary(&mut self, max: u32) -> Result<u32, Malformed> {
+        let mut q = 0;
+        while self.bit()? == 1 {
+            q += 1;
+            if q > max {
+                return Err(Malformed::Delta);
+            }
+        }
+        Ok(q)
     }
-    // Unused high bits of the last byte must be zero (one encoding per patch).
-    let used = out.len() % per_byte;
-    if used != 0 {
-        let last = packed.last().copied().unwrap_or(0);
-        if last >> (used as u32 * bits) != 0 {
+
+    /// Exp-Golomb of order `g` (see the module docs); values stay below 2^24.
+    fn exp_golomb(&mut self, g: u32) -> Result<u32, Malformed> {
+        let n = g + self.unary(24)?;
+        if n > 24 {
             return Err(Malformed::Delta);
         }
+        Ok(((1 << n) | self.bits(n)?) - (1 << g))
     }
-    Ok(())
+
+    /// Checks that the codes ended in the last byte and its padding bits are zero.
+    fn finish(mut self) -> Result<(), Malformed> {
+        if self.at.div_ceil(8) != self.bytes.len() {
+            return Err(Malformed::Delta);
+        }
+        while !self.at.is_multiple_of(8) {
+            if self.bit()? != 0 {
+                return Err(Malformed::Delta);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `out[i] += delta[i]`, the deltas Rice-coded with parameter `k` (see the module docs).
+fn add_rice(out: &mut [u8], coded: &[u8], k: u32) -> Result<(), Malformed> {
+    let mut bits = Bits {
+        bytes: coded,
+        at: 0,
+    };
+    for o in out.iter_mut() {
+        let q = bits.unary(255 >> k)?;
+        let z = u8::try_from((q << k) | bits.bits(k)?).map_err(|_| Malformed::Delta)?;
+        *o = o.wrapping_add(unzigzag(z) as u8);
+    }
+    bits.finish()
+}
+
+/// `out[i] += delta[i]`, the non-zero deltas coded as (gap, value) pairs with gaps of
+/// Exp-Golomb order `g` (see the module docs).
+fn add_sparse(out: &mut [u8], coded: &[u8], g: u32) -> Result<(), Malformed> {
+    let mut bits = Bits {
+        bytes: coded,
+        at: 0,
+    };
+    let mut pos = 0usize;
+    while pos < out.len() {
+        pos += bits.exp_golomb(g)? as usize;
+        if pos >= out.len() {
+            if pos > out.len() {
+                return Err(Malformed::Delta);
+            }
+            break;
+        }
+        let z = u8::try_from(bits.exp_golomb(0)? + 1).map_err(|_| Malformed::Delta)?;
+        out[pos] = out[pos].wrapping_add(unzigzag(z) as u8);
+        pos += 1;
+    }
+    bits.finish()
 }
 
 #[cfg(test)]
@@ -493,11 +613,13 @@ mod tests {
     #[test]
     fn every_kind_applies_in_any_chunking() {
         let base: Vec<u8> = (0..32u8).collect();
-        // COPY block 0 from base 8; ADD 2-bit deltas (+1 each) over base 0; LITERAL lz4; raw.
-        let mut add = Vec::from([KIND_ADD | 2 << 2]);
+        // COPY block 0 from base 8; ADD +1 each (Rice k=1: z=2 -> "10" + "0", LSB first
+        // 0b001 per delta) over base 0; LITERAL lz4; raw.
+        let mut add = Vec::from([KIND_ADD | 2 << CODE_SHIFT]);
         add.extend_from_slice(&0u32.to_le_bytes());
-        add.extend_from_slice(&2u16.to_le_bytes());
-        add.extend_from_slice(&[0b1010_1010, 0b1010_1010]); // zigzag(+1) = 2, four per byte
+        add.extend_from_slice(&3u16.to_le_bytes());
+        // 8 codes of 3 bits "1,0,0" (LSB first): bit pattern 001 repeated -> 24 bits.
+        add.extend_from_slice(&[0b0100_1001, 0b1001_0010, 0b0010_0100]);
         let literal = lz4_flex::block::compress(&[7u8; 8]);
         let mut lit = Vec::from([KIND_LITERAL | OP_LZ4]);
         lit.extend_from_slice(&(literal.len() as u16).to_le_bytes());
@@ -532,7 +654,7 @@ mod tests {
             base: &base,
             out: Vec::new(),
         };
-        first.feed(&p[..HEADER_LEN + 5 + 9], &mut probe).unwrap();
+        first.feed(&p[..HEADER_LEN + 5 + 10], &mut probe).unwrap();
         assert_eq!(probe.out.len(), 16);
         let at = first.boundary();
         assert_eq!(at.out_offset, 16);
@@ -569,7 +691,11 @@ mod tests {
             run(&patch(8, 8, 16, &[&copy_at(9)])),
             Err(bad(Malformed::BaseRange))
         );
-        assert_eq!(run(&patch(8, 8, 16, &[&[0x20]])), Err(bad(Malformed::Op)));
+        assert_eq!(run(&patch(8, 8, 16, &[&[0x80]])), Err(bad(Malformed::Op)));
+        assert_eq!(
+            run(&patch(8, 8, 16, &[&[KIND_LITERAL | OP_NEXT]])),
+            Err(bad(Malformed::Op))
+        );
         assert_eq!(
             run(&patch(8, 8, 16, &[&[KIND_COPY | OP_LZ4]])),
             Err(bad(Malformed::Op))
@@ -591,10 +717,18 @@ mod tests {
             )),
             Err(bad(Malformed::Decompress))
         );
-        // 1-bit deltas over 3 bytes: the 5 unused bits of the packed byte must be zero.
-        let mut add = Vec::from([KIND_ADD | 3 << 2]);
-        add.extend_from_slice(&0u32.to_le_bytes());
-        add.extend_from_slice(&[1, 0, 0b1111_0000]);
-        assert_eq!(run(&patch(8, 3, 16, &[&add])), Err(bad(Malformed::Delta)));
+        // Rice k=0 zero deltas over 3 bytes ("0" each): the 5 padding bits must be zero, and
+        // the codes must not end early or run past the payload.
+        let rice = |bytes: &[u8]| {
+            let mut add = Vec::from([KIND_ADD | 1 << CODE_SHIFT]);
+            add.extend_from_slice(&0u32.to_le_bytes());
+            add.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+            add.extend_from_slice(bytes);
+            run(&patch(8, 3, 16, &[&add]))
+        };
+        assert_eq!(rice(&[0b0000_0000]), Ok(()));
+        assert_eq!(rice(&[0b1111_0000]), Err(bad(Malformed::Delta)));
+        assert_eq!(rice(&[0, 0]), Err(bad(Malformed::Delta)));
+        assert_eq!(rice(&[0xff]), Err(bad(Malformed::Delta)));
     }
 }
