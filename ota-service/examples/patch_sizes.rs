@@ -54,18 +54,26 @@ fn image(w: &Weights, extra_layer: Option<&[f64]>, at: usize) -> Vec<u8> {
     for (l, layer) in w.iter().enumerate() {
         if let Some(extra) = extra_layer.filter(|_| l == at) {
             // A new tensor inserted before this layer (an architecture change).
-            out.extend(extra.iter().map(|v| (v * 127.0).round().clamp(-127.0, 127.0) as i8 as u8));
+            out.extend(
+                extra
+                    .iter()
+                    .map(|v| (v * 127.0).round().clamp(-127.0, 127.0) as i8 as u8),
+            );
         }
         let max = layer.iter().fold(1e-9f64, |m, v| m.max(v.abs()));
         let scale = max / 127.0;
         out.extend_from_slice(&(scale as f32).to_le_bytes());
-        out.extend(layer.iter().map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8));
+        out.extend(
+            layer
+                .iter()
+                .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8),
+        );
         let outputs = (layer.len() / 64).max(1);
         for o in 0..outputs {
             let bias = (layer[o % layer.len()] * 1000.0 / scale) as i32;
             out.extend_from_slice(&bias.to_le_bytes());
         }
-        while out.len() % 16 != 0 {
+        while !out.len().is_multiple_of(16) {
             out.push(0);
         }
     }
@@ -73,7 +81,9 @@ fn image(w: &Weights, extra_layer: Option<&[f64]>, at: usize) -> Vec<u8> {
 }
 
 fn main() {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "target/patch-bench".into());
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "target/patch-bench".into());
     std::fs::create_dir_all(&dir).expect("create output directory");
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
     let base_w = init(&mut rng);
