@@ -14,11 +14,13 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod models;
 mod monitoring;
 mod registry;
 mod schema;
 mod state;
 
+pub use models::{ModelVersion, PatchRecord};
 pub use monitoring::{DriftInput, OfflineDevice, ProfileInfo, parse_cohort_key};
 pub use registry::{Credentials, DeviceRecord, Registry};
 pub use state::{
@@ -50,6 +52,8 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+    #[error("{0}")]
+    ModelConflict(String),
     #[error("corrupt stored value in {table}: {detail}")]
     Corrupt { table: &'static str, detail: String },
 }

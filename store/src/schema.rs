@@ -87,6 +87,33 @@ const MIGRATIONS: &[&str] = &[
         updated_ms INTEGER NOT NULL
     );
     "#,
+    // 3: OTA: model versions (artifacts are content-addressed files) and cached patches.
+    r#"
+    CREATE TABLE model_versions (
+        model_id      TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        seq           INTEGER NOT NULL,
+        hw            TEXT NOT NULL,
+        min_fw        INTEGER NOT NULL,
+        arena         INTEGER NOT NULL,
+        sha256        TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        created_ms    INTEGER NOT NULL,
+        created_by    TEXT NOT NULL,
+        PRIMARY KEY (model_id, model_version),
+        UNIQUE (model_id, seq)
+    );
+    CREATE INDEX model_versions_sha ON model_versions(sha256);
+    CREATE TABLE patches (
+        base_sha256   TEXT NOT NULL,
+        target_sha256 TEXT NOT NULL,
+        block_size    INTEGER NOT NULL,
+        patch_sha256  TEXT,
+        size          INTEGER NOT NULL,
+        created_ms    INTEGER NOT NULL,
+        PRIMARY KEY (base_sha256, target_sha256, block_size)
+    );
+    "#,
 ];
 
 /// Brings the database to the newest schema.
