@@ -34,6 +34,8 @@ pub struct Config {
     pub health: HealthRules,
     /// Alert rules, silences' limits, inhibition, receivers and retraining triggers.
     pub alerts: AlertsConfig,
+    /// Model versions, patches and offers.
+    pub ota: tinyfleet_ota_service::OtaConfig,
 }
 
 impl Default for Config {
@@ -49,6 +51,7 @@ impl Default for Config {
             drift: DriftConfig::default(),
             health: HealthRules::default(),
             alerts: AlertsConfig::default(),
+            ota: tinyfleet_ota_service::OtaConfig::default(),
         }
     }
 }
@@ -302,6 +305,7 @@ impl Config {
                 .validate()
                 .map_err(|e| format!("config [influx]: {e}"))?;
         }
+        self.ota.validate().map_err(|e| format!("config: {e}"))?;
         self.monitor_config()
             .validate()
             .map_err(|e| format!("config: {e}"))
@@ -355,6 +359,11 @@ mod tests {
                 .contains("broker")
         );
         assert!(parse("[drift]\nfdr = 2.0").unwrap_err().contains("fdr"));
+        assert!(
+            parse("[ota]\nblock_size = 100")
+                .unwrap_err()
+                .contains("ota.block_size")
+        );
         assert!(
             parse("[monitor]\nalert_topic = \"tf/v1/x\"")
                 .unwrap_err()

@@ -58,6 +58,119 @@ fn call(req: reqwest::blocking::RequestBuilder, token: &str) -> Result<serde_jso
     }
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Register a model version: uploads the artifact (e.g. a .tflite file) and, with
+    /// `--profile`, its monitoring profile.
+    Push {
+        /// The artifact.
+        file: std::path::PathBuf,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+        /// Anti-rollback sequence number: above every registered version of the model.
+        #[arg(long)]
+        seq: u32,
+        /// Target hardware (the devices' `hw`).
+        #[arg(long)]
+        hw: String,
+        /// Lowest firmware build that runs it.
+        #[arg(long, default_value_t = 0)]
+        min_fw: u32,
+        /// Tensor arena it needs, bytes.
+        #[arg(long, default_value_t = 0)]
+        arena: u32,
+        /// Its monitoring profile (as `tinyfleet profile build` writes it).
+        #[arg(long)]
+        profile: Option<std::path::PathBuf>,
+    },
+    /// List a model's versions.
+    List { model: String },
+}
+
+fn url_segment(s: &str) -> Result<&str, String> {
+    if s.is_empty() || s.contains(['/', '?', '#', '%', '&']) {
+        Err(format!("{s:?} cannot be used in a URL path"))
+    } else {
+        Ok(s)
+    }
+}
+
+pub fn model(api: &ApiArgs, command: ModelCommand) -> Result<(), String> {
+    let client = reqwest::blocking::Client::new();
+    let base = api.api.trim_end_matches('/');
+    match command {
+        ModelCommand::Push {
+            file,
+            model,
+            version,
+            seq,
+            hw,
+            min_fw,
+            arena,
+            profile,
+        } => {
+            let bytes = std::fs::read(&file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let url = format!(
+                "{base}/api/v1/models/{}/versions/{}",
+                url_segment(&model)?,
+                url_segment(&version)?
+            );
+            let registered = call(
+                client
+                    .post(url)
+                    .query(&[
+                        ("seq", seq.to_string()),
+                        ("hw", hw),
+                        ("min_fw", min_fw.to_string()),
+                        ("arena", arena.to_string()),
+                    ])
+                    .header("content-type", "application/octet-stream")
+                    .body(bytes),
+                &api.token,
+            )?;
+            if let Some(p) = profile {
+                upload_profile(api, &p)?;
+            }
+            if api.json {
+                println!("{registered}");
+            } else {
+                println!(
+                    "{}@{} seq {} for {}: {} bytes, sha256 {}",
+                    registered["model_id"].as_str().unwrap_or(""),
+                    registered["model_version"].as_str().unwrap_or(""),
+                    registered["seq"],
+                    registered["hw"].as_str().unwrap_or(""),
+                    registered["size"],
+                    registered["sha256"].as_str().unwrap_or("")
+                );
+            }
+        }
+        ModelCommand::List { model } => {
+            let url = format!("{base}/api/v1/models/{}/versions", url_segment(&model)?);
+            let list = call(client.get(url), &api.token)?;
+            if api.json {
+                println!("{list}");
+            } else {
+                println!("{:<16} {:>6} {:<12} {:>10}  SHA256", "VERSION", "SEQ", "HW", "BYTES");
+                for v in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} {:>6} {:<12} {:>10}  {}",
+                        v["model_version"].as_str().unwrap_or(""),
+                        v["seq"],
+                        v["hw"].as_str().unwrap_or(""),
+                        v["size"],
+                        v["sha256"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `tinyfleet profile upload`: stores a profile under the model id and version it names.
 pub fn upload_profile(api: &ApiArgs, file: &std::path::Path) -> Result<(), String> {
     let text = std::fs::read_to_string(file)

@@ -45,6 +45,13 @@ enum Command {
         #[command(subcommand)]
         command: devices::DeviceCommand,
     },
+    /// Register model versions (artifacts) for OTA and list them, through the API.
+    Model {
+        #[command(flatten)]
+        api: devices::ApiArgs,
+        #[command(subcommand)]
+        command: devices::ModelCommand,
+    },
     /// Build a model version's monitoring profile from a reference data set (CSV).
     Profile {
         #[command(subcommand)]
@@ -182,6 +189,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, data_dir } => run_serve(config.as_deref(), data_dir),
         Command::Device { api, command } => devices::run(&api, command),
+        Command::Model { api, command } => devices::model(&api, command),
         Command::Profile { command } => profile(command),
         Command::DriftEval { devices, runs } => drift_eval(devices, runs),
         Command::Demo {

@@ -223,20 +223,41 @@ pub async fn serve(
     };
     let monitor_task = tokio::spawn(monitor.clone().run(shutdown_rx.clone()));
 
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} for the API: {e}", config.api.listen))?;
+    let api_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let ota = {
+        let mut ota_config = config.ota.clone();
+        if ota_config.public_url.is_empty() {
+            if api_addr.ip().is_unspecified() {
+                tracing::warn!(
+                    "ota.public_url is not set and the API listens on every address: offers \
+                     carry no download URL (MQTT block transfer only); set ota.public_url"
+                );
+            } else {
+                // Devices download from the API's own address unless told otherwise.
+                ota_config.public_url = format!("http://{api_addr}");
+            }
+        }
+        let (store, dir) = (store.clone(), data_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            tinyfleet_ota_service::Ota::open(store, &dir, ota_config)
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
     let api_state = ApiState {
         store: store.clone(),
         metrics: metrics.clone(),
         tokens: Arc::new(tokens),
         monitor: monitor.clone(),
+        ota: Arc::new(ota),
         extra_metrics: {
             let monitor = monitor.clone();
             Arc::new(move || monitor.render_prometheus(tinyfleet_store::now_ms()))
         },
     };
-    let listener = tokio::net::TcpListener::bind(config.api.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {} for the API: {e}", config.api.listen))?;
-    let api_addr = listener.local_addr().map_err(|e| e.to_string())?;
     let mut api_shutdown = shutdown_rx.clone();
     let api = tokio::spawn(async move {
         axum::serve(listener, tinyfleet_api::router(api_state))

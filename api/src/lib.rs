@@ -4,7 +4,9 @@
 //! - `/api/v1/...` needs `Authorization: Bearer <token>`; tokens have a role, `read` or
 //!   `operator` (provisioning and revocation need `operator`). Tokens are compared as SHA-256
 //!   digests in constant time and never logged.
-//! - `/metrics`, `/openapi.json` and `/healthz` are open: they carry no fleet data.
+//! - `/metrics`, `/openapi.json` and `/healthz` are open: they carry no fleet data. So is
+//!   `/ota/v1/objects/{sha256}`: devices hold no API token, and they check what they download
+//!   against the digest in a signed manifest.
 //! - Store access is synchronous and runs in `spawn_blocking`; handlers never block the runtime.
 //! - Errors are JSON `{"error": "..."}` with the right status: 400 for bad input, 401/403 for
 //!   auth, 404, 409 for conflicts; internal causes are logged, not returned.
@@ -14,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +30,7 @@ use tinyfleet_store::{DeviceQuery, Store, StoreError};
 
 mod monitoring;
 mod openapi;
+mod ota;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
@@ -77,6 +80,8 @@ pub struct ApiState {
     pub tokens: Arc<Vec<ApiToken>>,
     /// Drift, alerts and silences.
     pub monitor: tinyfleet_monitor::Monitor,
+    /// Model versions, patches and signed offers.
+    pub ota: Arc<tinyfleet_ota_service::Ota>,
     /// Extra Prometheus text appended to `/metrics` (e.g. the broker's or a sink's).
     pub extra_metrics: ExtraMetrics,
 }
@@ -204,6 +209,8 @@ async fn blocking<T: Send + 'static>(
 
 /// The whole HTTP surface.
 pub fn router(state: ApiState) -> Router {
+    // The artifact upload takes up to the configured size; everything else the default 2 MB.
+    let max_artifact = usize::try_from(state.ota.config().max_artifact_bytes).unwrap_or(usize::MAX);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
@@ -227,6 +234,17 @@ pub fn router(state: ApiState) -> Router {
             get(monitoring::silences).post(monitoring::create_silence),
         )
         .route("/api/v1/silences/{id}", delete(monitoring::expire_silence))
+        .route(
+            "/api/v1/models/{id}/versions/{version}",
+            post(ota::upload).layer(DefaultBodyLimit::max(max_artifact)),
+        )
+        .route("/api/v1/models/{id}/versions", get(ota::versions))
+        .route(
+            "/api/v1/models/{id}/versions/{version}/offer",
+            get(ota::offer),
+        )
+        .route("/api/v1/ota/keys", get(ota::keys))
+        .route("/ota/v1/objects/{sha}", get(ota::object))
         .with_state(state)
 }
 
@@ -464,9 +482,13 @@ mod tests {
             None,
         )
         .unwrap();
+        let ota = Arc::new(
+            tinyfleet_ota_service::Ota::open(store.clone(), dir, Default::default()).unwrap(),
+        );
         router(ApiState {
             store,
             monitor,
+            ota,
             metrics: Arc::new(Metrics::default()),
             tokens: Arc::new(vec![
                 ApiToken::from_plain("ops", "op-token", Role::Operator),
@@ -752,5 +774,137 @@ mod tests {
         let (st, drift) = call(&app, "GET", "/api/v1/drift", Some("read-token"), "").await;
         assert_eq!(st, StatusCode::OK);
         assert_eq!(drift["evaluations"], serde_json::json!([]));
+    }
+
+    async fn raw(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes().to_vec();
+        (parts.status, parts.headers, bytes)
+    }
+
+    #[tokio::test]
+    async fn model_versions_offers_and_ranged_downloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let image: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let url = "/api/v1/models/kws/versions/1.0?seq=1&hw=nrf52840&arena=40000";
+        let (st, _, _) = raw(&app, "POST", url, Some("read-token"), &[], image.clone()).await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        let (st, _, body) = raw(&app, "POST", url, Some("op-token"), &[], image.clone()).await;
+        assert_eq!(
+            st,
+            StatusCode::CREATED,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let sha = v["sha256"].as_str().unwrap().to_owned();
+        assert_eq!(v["created_by"], "ops");
+        let lower = "/api/v1/models/kws/versions/0.9?seq=1&hw=nrf52840";
+        let (st, _, _) = raw(&app, "POST", lower, Some("op-token"), &[], image.clone()).await;
+        assert_eq!(st, StatusCode::CONFLICT, "anti-rollback");
+        let (st, _, _) = raw(
+            &app,
+            "POST",
+            "/api/v1/models/kws/versions/2?hw=x",
+            Some("op-token"),
+            &[],
+            image.clone(),
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "seq is required");
+        let (_, list) = call(
+            &app,
+            "GET",
+            "/api/v1/models/kws/versions",
+            Some("read-token"),
+            "",
+        )
+        .await;
+        assert_eq!(list[0]["model_version"], "1.0");
+
+        let (st, headers, offer) = raw(
+            &app,
+            "GET",
+            "/api/v1/models/kws/versions/1.0/offer",
+            Some("read-token"),
+            &[],
+            vec![],
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(
+            headers[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("application/cose")
+        );
+        let (_, keys) = call(&app, "GET", "/api/v1/ota/keys", Some("read-token"), "").await;
+        let public: [u8; 32] = hex::decode(keys[0]["public_key"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let kid = hex::decode(keys[0]["kid"].as_str().unwrap()).unwrap();
+        let trusted = [tinyfleet_device::ota::manifest::TrustedKey { kid: &kid, public }];
+        let mut scratch = [0u8; 2048];
+        let m =
+            tinyfleet_device::ota::manifest::verify_offer(&offer, &trusted, &mut scratch).unwrap();
+        assert_eq!(hex::encode(m.object.0), sha);
+        let (st, _, _) = raw(
+            &app,
+            "GET",
+            "/api/v1/models/kws/versions/1.0/offer?base=zz",
+            Some("read-token"),
+            &[],
+            vec![],
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+
+        // Downloads: whole, ranged (resume), suffix, unsatisfiable, unknown.
+        let obj = format!("/ota/v1/objects/{sha}");
+        let (st, h, all) = raw(&app, "GET", &obj, None, &[], vec![]).await;
+        assert_eq!((st, all.len()), (StatusCode::OK, 5000));
+        assert_eq!(h[header::ACCEPT_RANGES], "bytes");
+        let (st, h, part) = raw(&app, "GET", &obj, None, &[("range", "bytes=4096-")], vec![]).await;
+        assert_eq!(st, StatusCode::PARTIAL_CONTENT);
+        assert_eq!(h[header::CONTENT_RANGE], "bytes 4096-4999/5000");
+        assert_eq!(part, image[4096..]);
+        let (_, _, mid) = raw(&app, "GET", &obj, None, &[("range", "bytes=10-19")], vec![]).await;
+        assert_eq!(mid, image[10..20]);
+        let (_, _, tail) = raw(&app, "GET", &obj, None, &[("range", "bytes=-3")], vec![]).await;
+        assert_eq!(tail, image[4997..]);
+        let (st, h, _) = raw(&app, "GET", &obj, None, &[("range", "bytes=5000-")], vec![]).await;
+        assert_eq!(st, StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(h[header::CONTENT_RANGE], "bytes */5000");
+        let (st, _, _) = raw(
+            &app,
+            "GET",
+            &format!("/ota/v1/objects/{}", "0".repeat(64)),
+            None,
+            &[],
+            vec![],
+        )
+        .await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
     }
 }

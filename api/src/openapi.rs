@@ -103,6 +103,58 @@ fn monitoring_paths() -> Value {
     })
 }
 
+/// Model versions, offers, keys and object downloads.
+fn ota_paths() -> Value {
+    let not_found = json!({ "404": { "$ref": "#/components/responses/Error" } });
+    let version = json!({ "name": "version", "in": "path", "required": true, "schema": { "type": "string" } });
+    json!({
+        "/api/v1/models/{id}/versions/{version}": {
+            "post": {
+                "summary": "register a model version (operator); the body is the artifact, e.g. a .tflite file",
+                "security": [{ "bearer": [] }],
+                "parameters": [id_param(), version,
+                    { "name": "seq", "in": "query", "required": true, "description": "anti-rollback sequence number, above every registered version of the model", "schema": { "type": "integer" } },
+                    { "name": "hw", "in": "query", "required": true, "description": "target hardware", "schema": { "type": "string" } },
+                    q("min_fw", "lowest firmware build that runs it (0)", "integer"),
+                    q("arena", "tensor arena bytes it needs (0: not stated)", "integer")],
+                "requestBody": { "required": true, "content": { "application/octet-stream": {} } },
+                "responses": {
+                    "201": { "description": "the registered version with its SHA-256" },
+                    "400": { "$ref": "#/components/responses/Error" },
+                    "401": { "$ref": "#/components/responses/Unauthorized" },
+                    "403": { "$ref": "#/components/responses/Error" },
+                    "409": { "$ref": "#/components/responses/Error" },
+                    "413": { "description": "larger than ota.max_artifact_bytes" }
+                }
+            }
+        },
+        "/api/v1/models/{id}/versions": {
+            "get": op("a model's registered versions, highest seq first", json!([id_param()]), "200", json!({}))
+        },
+        "/api/v1/models/{id}/versions/{version}/offer": {
+            "get": op("a signed offer (COSE_Sign1 manifest, application/cose); a TFP1 patch from `base` when smaller than the image",
+                      json!([id_param(), version_param(), q("base", "SHA-256 (hex) of the image the device runs", "string")]),
+                      "200", not_found)
+        },
+        "/api/v1/ota/keys": {
+            "get": op("the public keys devices must trust for offers (kid, Ed25519 public key)", json!([]), "200", json!({}))
+        },
+        "/ota/v1/objects/{sha}": {
+            "get": {
+                "summary": "an OTA object (image or patch) by SHA-256; open (devices hold no token; the signed manifest names the digest); Range supported",
+                "parameters": [{ "name": "sha", "in": "path", "required": true, "schema": { "type": "string" } },
+                               { "name": "Range", "in": "header", "required": false, "schema": { "type": "string" } }],
+                "responses": {
+                    "200": { "description": "the object" },
+                    "206": { "description": "the requested range" },
+                    "404": { "$ref": "#/components/responses/Error" },
+                    "416": { "description": "range not satisfiable" }
+                }
+            }
+        }
+    })
+}
+
 /// The document.
 pub fn document() -> Value {
     let not_found = json!({ "404": { "$ref": "#/components/responses/Error" } });
@@ -188,8 +240,10 @@ pub fn document() -> Value {
             }
         }
     });
-    if let (Some(paths), Value::Object(more)) = (doc["paths"].as_object_mut(), monitoring_paths()) {
-        paths.extend(more);
+    for extra in [monitoring_paths(), ota_paths()] {
+        if let (Some(paths), Value::Object(more)) = (doc["paths"].as_object_mut(), extra) {
+            paths.extend(more);
+        }
     }
     doc
 }
