@@ -309,43 +309,11 @@ pub fn diff(base: &[u8], new: &[u8], block_size: u16) -> Result<(Vec<u8>, DiffSt
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use tinyfleet_device::ota::patch::{Patcher, Slots};
-
-    struct Mem<'a> {
-        base: &'a [u8],
-        out: Vec<u8>,
-    }
-
-    impl Slots for Mem<'_> {
-        type Error = ();
-        fn read_base(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), ()> {
-            let o = offset as usize;
-            buf.copy_from_slice(self.base.get(o..o + buf.len()).ok_or(())?);
-            Ok(())
-        }
-        fn write_out(&mut self, offset: u32, data: &[u8]) -> Result<(), ()> {
-            if offset as usize != self.out.len() {
-                return Err(());
-            }
-            self.out.extend_from_slice(data);
-            Ok(())
-        }
-    }
+    use tinyfleet_device::ota::patch::apply_in_memory;
 
     /// Applies with the device's patcher, in `chunk`-byte pieces.
     pub(crate) fn apply(base: &[u8], patch: &[u8], chunk: usize) -> Result<Vec<u8>, String> {
-        let mut mem = Mem {
-            base,
-            out: Vec::new(),
-        };
-        let mut p = Patcher::<4096>::new();
-        for c in patch.chunks(chunk.max(1)) {
-            p.feed(c, &mut mem).map_err(|e| format!("{e:?}"))?;
-        }
-        if !p.is_done() {
-            return Err("patch ended early".into());
-        }
-        Ok(mem.out)
+        apply_in_memory(base, patch, chunk).map_err(|e| format!("{e:?}"))
     }
 
     fn weights(n: usize, seed: u64) -> Vec<u8> {

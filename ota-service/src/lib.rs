@@ -257,7 +257,14 @@ impl Ota {
                 };
                 let (patch, stats) =
                     delta::diff(&base, &new, bs).map_err(|e| OtaError::Invalid(e.to_string()))?;
-                let smaller = patch.len() < new.len();
+                // Every patch is applied once here with the device's own patcher before any
+                // device sees it; one that does not rebuild the image is never offered.
+                let verified = tinyfleet_device::ota::patch::apply_in_memory(&base, &patch, 4096)
+                    .is_ok_and(|out| out == new);
+                if !verified {
+                    tracing::error!(base = %base_sha, target = %target.sha256, "built patch does not rebuild the image; offering the image");
+                }
+                let smaller = verified && patch.len() < new.len();
                 let record = PatchRecord {
                     base_sha256: base_sha.to_owned(),
                     target_sha256: target.sha256.clone(),

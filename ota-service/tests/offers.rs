@@ -4,7 +4,7 @@
 
 use sha2::{Digest, Sha256};
 use tinyfleet_device::ota::manifest::{MAX_OFFER, TrustedKey, verify_offer};
-use tinyfleet_device::ota::patch::{Patcher, Slots};
+use tinyfleet_device::ota::patch::apply_in_memory;
 use tinyfleet_ota_service::{Ota, OtaConfig, OtaError, Upload};
 use tinyfleet_store::Store;
 
@@ -30,24 +30,6 @@ fn model(n: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-struct Mem<'a> {
-    base: &'a [u8],
-    out: Vec<u8>,
-}
-
-impl Slots for Mem<'_> {
-    type Error = ();
-    fn read_base(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), ()> {
-        let o = offset as usize;
-        buf.copy_from_slice(self.base.get(o..o + buf.len()).ok_or(())?);
-        Ok(())
-    }
-    fn write_out(&mut self, _offset: u32, data: &[u8]) -> Result<(), ()> {
-        self.out.extend_from_slice(data);
-        Ok(())
-    }
 }
 
 #[test]
@@ -119,17 +101,9 @@ fn offers_verify_on_the_device_and_patches_rebuild_the_image() {
     );
 
     // The device's patcher rebuilds exactly the signed image.
-    let mut mem = Mem {
-        base: &v1,
-        out: Vec::new(),
-    };
-    let mut patcher = Patcher::<1024>::new();
-    for chunk in patch.chunks(m.block_size as usize) {
-        patcher.feed(chunk, &mut mem).unwrap();
-    }
-    assert!(patcher.is_done());
+    let rebuilt = apply_in_memory(&v1, &patch, m.block_size as usize).unwrap();
     assert_eq!(
-        hex::encode(Sha256::digest(&mem.out)),
+        hex::encode(Sha256::digest(&rebuilt)),
         hex::encode(m.image_sha256.0)
     );
 

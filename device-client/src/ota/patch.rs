@@ -167,6 +167,8 @@ pub enum Malformed {
     TrailingData,
     /// Resuming at a position that is not a record boundary of this patch.
     Resume,
+    /// The patch ended before its last record.
+    Truncated,
 }
 
 /// Why patching failed: a malformed patch, or the slots' error.
@@ -563,29 +565,65 @@ fn add_sparse(out: &mut [u8], coded: &[u8], g: u32) -> Result<(), Malformed> {
     bits.finish()
 }
 
+/// Slots in memory: the base image as a slice, the output as a growing vector (`std`).
+#[cfg(feature = "std")]
+#[derive(Debug)]
+pub struct MemSlots<'a> {
+    pub base: &'a [u8],
+    pub out: std::vec::Vec<u8>,
+}
+
+/// A read outside the in-memory base, or a block out of order.
+#[cfg(feature = "std")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemError;
+
+#[cfg(feature = "std")]
+impl Slots for MemSlots<'_> {
+    type Error = MemError;
+    fn read_base(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), MemError> {
+        let o = offset as usize;
+        let from = self.base.get(o..o + buf.len()).ok_or(MemError)?;
+        buf.copy_from_slice(from);
+        Ok(())
+    }
+    fn write_out(&mut self, offset: u32, data: &[u8]) -> Result<(), MemError> {
+        if offset as usize != self.out.len() {
+            return Err(MemError);
+        }
+        self.out.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Applies a whole patch in memory, in `chunk`-byte pieces (`std`; the service checks every
+/// patch it builds this way, and tests use it).
+#[cfg(feature = "std")]
+pub fn apply_in_memory(
+    base: &[u8],
+    patch: &[u8],
+    chunk: usize,
+) -> Result<std::vec::Vec<u8>, PatchError<MemError>> {
+    let mut slots = MemSlots {
+        base,
+        out: std::vec::Vec::new(),
+    };
+    let mut patcher = std::boxed::Box::new(Patcher::<4096>::new());
+    for c in patch.chunks(chunk.max(1)) {
+        patcher.feed(c, &mut slots)?;
+    }
+    if !patcher.is_done() {
+        return Err(PatchError::Malformed(Malformed::Truncated));
+    }
+    Ok(slots.out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::vec::Vec;
 
-    struct Mem<'a> {
-        base: &'a [u8],
-        out: Vec<u8>,
-    }
-
-    impl Slots for Mem<'_> {
-        type Error = ();
-        fn read_base(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), ()> {
-            let o = offset as usize;
-            buf.copy_from_slice(self.base.get(o..o + buf.len()).ok_or(())?);
-            Ok(())
-        }
-        fn write_out(&mut self, offset: u32, data: &[u8]) -> Result<(), ()> {
-            assert_eq!(offset as usize, self.out.len(), "blocks arrive in order");
-            self.out.extend_from_slice(data);
-            Ok(())
-        }
-    }
+    type Mem<'a> = MemSlots<'a>;
 
     fn patch(block: u16, target: u32, base: u32, records: &[&[u8]]) -> Vec<u8> {
         let mut p = PatchHeader {
@@ -674,7 +712,10 @@ mod tests {
                 base: &base,
                 out: Vec::new(),
             };
-            Patcher::<8>::new().feed(p, &mut mem)
+            Patcher::<8>::new().feed(p, &mut mem).map_err(|e| match e {
+                PatchError::Malformed(m) => PatchError::Malformed(m),
+                PatchError::Io(_) => PatchError::Io(()),
+            })
         };
         let copy_at = |src: u32| {
             let mut r = Vec::from([KIND_COPY]);
