@@ -248,10 +248,15 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
-    let mut body = s.metrics.render();
-    body.push_str(&(s.extra_metrics)());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+async fn metrics(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    // The extra metrics may wait for locks (the monitor's, during an evaluation).
+    let body = blocking(move || {
+        let mut body = s.metrics.render();
+        body.push_str(&(s.extra_metrics)());
+        Ok(body)
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body))
 }
 
 #[derive(Debug, Deserialize)]

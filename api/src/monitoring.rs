@@ -128,15 +128,25 @@ pub(crate) async fn alerts(
             )));
         }
     };
-    let mut alerts = s.monitor.alerts(now_ms());
-    if let Some(w) = wanted {
-        alerts.retain(|a| a.state == w);
-    }
+    // The monitor's lock is held during an evaluation: wait for it off the runtime.
+    let alerts = blocking(move || {
+        let mut alerts = s.monitor.alerts(now_ms());
+        if let Some(w) = wanted {
+            alerts.retain(|a| a.state == w);
+        }
+        Ok(alerts)
+    })
+    .await?;
     Ok(Json(alerts))
 }
 
-pub(crate) async fn silences(_caller: Caller, State(s): State<ApiState>) -> impl IntoResponse {
-    Json(s.monitor.silences(now_ms()))
+pub(crate) async fn silences(
+    _caller: Caller,
+    State(s): State<ApiState>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(
+        blocking(move || Ok(s.monitor.silences(now_ms()))).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
