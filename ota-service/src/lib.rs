@@ -16,6 +16,7 @@ pub mod artifacts;
 pub mod blocks;
 pub mod delta;
 pub mod keys;
+pub mod rollout;
 
 use std::path::Path;
 
