@@ -111,8 +111,8 @@ pub fn model(api: &ApiArgs, command: ModelCommand) -> Result<(), String> {
             arena,
             profile,
         } => {
-            let bytes = std::fs::read(&file)
-                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let bytes =
+                std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             let url = format!(
                 "{base}/api/v1/models/{}/versions/{}",
                 url_segment(&model)?,
@@ -154,7 +154,10 @@ pub fn model(api: &ApiArgs, command: ModelCommand) -> Result<(), String> {
             if api.json {
                 println!("{list}");
             } else {
-                println!("{:<16} {:>6} {:<12} {:>10}  SHA256", "VERSION", "SEQ", "HW", "BYTES");
+                println!(
+                    "{:<16} {:>6} {:<12} {:>10}  SHA256",
+                    "VERSION", "SEQ", "HW", "BYTES"
+                );
                 for v in list.as_array().into_iter().flatten() {
                     println!(
                         "{:<16} {:>6} {:<12} {:>10}  {}",
