@@ -2,7 +2,12 @@
 //!
 //! - `verify_decode`: COSE_Mac0 verify + strict decode (the decode stage alone).
 //! - `pipeline`: verify + decode + dedup + presence + aggregate into device, cohort and tag
-//!   windows (what ingest does per summary between commits), 1,000 devices round-robin.
+//!   windows (what ingest does per summary between commits), 1,000 devices round-robin, with a
+//!   batch taken every 5,000 summaries.
+//! - `apply`: the same without verify and decode (messages verified outside the timing): dedup,
+//!   presence and aggregation alone.
+//! - `take_batch_1000`: the changes of 1,000 summaries of 1,000 devices as a store batch (state,
+//!   health and every changed window serialised as JSON), what a checkpoint does first.
 //! - `commit_1000`: one store transaction holding the changes of 1,000 summaries.
 
 use std::collections::BTreeMap;
@@ -116,6 +121,51 @@ fn bench(c: &mut Criterion) {
             }
             black_box(out)
         })
+    });
+
+    // Setup (not timed) and routine (timed) both need the pipeline.
+    let verifier = new_pipeline(&store).verifier().clone();
+    let pipeline = std::cell::RefCell::new(new_pipeline(&store));
+    let mut i = 0;
+    group.bench_function("apply", |b| {
+        b.iter_batched(
+            || {
+                if i == msgs.len() {
+                    *pipeline.borrow_mut() = new_pipeline(&store);
+                    i = 0;
+                }
+                let (t, m) = &msgs[i];
+                i += 1;
+                if i % 5000 == 0 {
+                    black_box(pipeline.borrow_mut().take_batch());
+                }
+                verifier.verify(t, m)
+            },
+            |verified| black_box(pipeline.borrow_mut().apply(verified, now)),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+
+    group.throughput(Throughput::Elements(1000));
+    // Batches are taken without a commit, so a fresh pipeline accepts the messages again.
+    let pipeline = std::cell::RefCell::new(new_pipeline(&store));
+    let mut chunks = msgs.chunks(1000);
+    group.bench_function("take_batch_1000", |b| {
+        b.iter_batched(
+            || {
+                let chunk = chunks.next().unwrap_or_else(|| {
+                    *pipeline.borrow_mut() = new_pipeline(&store);
+                    chunks = msgs.chunks(1000);
+                    chunks.next().expect("messages")
+                });
+                let mut p = pipeline.borrow_mut();
+                for (t, m) in chunk {
+                    p.handle(t, m, now);
+                }
+            },
+            |()| black_box(pipeline.borrow_mut().take_batch()),
+            criterion::BatchSize::PerIteration,
+        )
     });
     group.finish();
 

@@ -28,6 +28,22 @@ use tokio::sync::{mpsc, watch};
 
 const SERVICE_PASSWORD: &str = "bench-service-password";
 
+/// CPU time of this whole process so far (broker, publishers, subscribers and ingest), from
+/// `/proc/self/stat` (Linux; zero elsewhere).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    // USER_HZ is 100 on every Linux this runs on.
+    Duration::from_millis(ticks * 10)
+}
+
 struct Fleet {
     ids: Vec<String>,
     keys: Vec<DeviceKey>,
@@ -113,6 +129,57 @@ async fn publish_all(
     }
 }
 
+/// Publishes `msgs` to a subscriber that only counts them, acknowledging each itself when
+/// `manual_acks` (rumqttc sends each such PUBACK on its own, as for ingest) or letting rumqttc do
+/// it. Returns the time until all arrived and the process CPU time meanwhile.
+async fn forward(
+    broker: &EmbeddedBroker,
+    fleet: &Fleet,
+    msgs: &Arc<Vec<(String, Vec<u8>)>>,
+    publishers: usize,
+    manual_acks: bool,
+) -> (Duration, Duration) {
+    let n = msgs.len() as u64;
+    let addr = broker.local_addr();
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let mut opts = MqttOptions::new("tinyfleet-counter", addr.ip().to_string(), addr.port());
+    opts.set_credentials(SERVICE_USER, SERVICE_PASSWORD);
+    opts.set_max_packet_size(20_000, 20_000);
+    opts.set_manual_acks(manual_acks);
+    let (sub, mut sub_loop) = AsyncClient::new(opts, 1000);
+    let acker = sub.clone();
+    let (subscribed_tx, mut subscribed) = mpsc::channel(1);
+    let sub_task = tokio::spawn(async move {
+        while let Ok(ev) = sub_loop.poll().await {
+            match ev {
+                Event::Incoming(Packet::Publish(p)) => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    if manual_acks {
+                        let _ = acker.try_ack(&p);
+                    }
+                }
+                Event::Incoming(Packet::SubAck(_)) => {
+                    let _ = subscribed_tx.try_send(());
+                }
+                _ => {}
+            }
+        }
+    });
+    let _ = sub.subscribe("tf/v1/+/sum", QoS::AtLeastOnce).await;
+    let _ = subscribed.recv().await;
+    let (t0, cpu0) = (Instant::now(), process_cpu());
+    publish_all(broker, fleet, msgs.clone(), publishers).await;
+    while received.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = t0.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu0);
+    let _ = sub.disconnect().await;
+    sub_task.abort();
+    (elapsed, cpu)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     tracing_subscriber::fmt()
@@ -177,37 +244,11 @@ async fn main() {
         "{devices} devices x {per_device} summaries = {n} messages of ~{size} bytes, {publishers} publisher connections, {connections} ingest connections, journal {journal}"
     );
 
-    // 1. Plain forwarding to a subscriber that does nothing but count.
-    let received = Arc::new(AtomicU64::new(0));
-    let counter = received.clone();
-    let mut opts = MqttOptions::new("tinyfleet-counter", addr.ip().to_string(), addr.port());
-    opts.set_credentials(SERVICE_USER, SERVICE_PASSWORD);
-    opts.set_max_packet_size(20_000, 20_000);
-    let (sub, mut sub_loop) = AsyncClient::new(opts, 1000);
-    let (subscribed_tx, mut subscribed) = mpsc::channel(1);
-    let sub_task = tokio::spawn(async move {
-        while let Ok(ev) = sub_loop.poll().await {
-            match ev {
-                Event::Incoming(Packet::Publish(_)) => {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-                Event::Incoming(Packet::SubAck(_)) => {
-                    let _ = subscribed_tx.try_send(());
-                }
-                _ => {}
-            }
-        }
-    });
-    let _ = sub.subscribe("tf/v1/+/sum", QoS::AtLeastOnce).await;
-    let _ = subscribed.recv().await;
-    let t0 = Instant::now();
-    publish_all(&broker, &fleet, forwarding_msgs, publishers).await;
-    while received.load(Ordering::Relaxed) < n {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let forwarding = t0.elapsed();
-    let _ = sub.disconnect().await;
-    sub_task.abort();
+    // 1. Plain forwarding to a subscriber that does nothing but count; then the same with the
+    //    subscriber acknowledging each message itself (manual acks, as ingest does).
+    let (forwarding, forwarding_cpu) =
+        forward(&broker, &fleet, &forwarding_msgs, publishers, false).await;
+    let (acking, acking_cpu) = forward(&broker, &fleet, &forwarding_msgs, publishers, true).await;
 
     // 2. The ingest path.
     let metrics = Arc::new(Metrics::default());
@@ -260,24 +301,34 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let base = metrics.accepted("summary");
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), process_cpu());
     publish_all(&broker, &fleet, ingest_msgs, publishers).await;
     while metrics.accepted("summary") < base + n || metrics.pending.load(Ordering::Relaxed) > 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let ingest = t0.elapsed();
+    let ingest_cpu = process_cpu().saturating_sub(cpu0);
     let commits = metrics.commits.load(Ordering::Relaxed);
     let commit_ms = metrics.commit_seconds_sum_us.load(Ordering::Relaxed) as f64
         / 1000.0
         / commits.max(1) as f64;
 
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    println!("| path | messages | seconds | messages/s |");
-    println!("|---|---:|---:|---:|");
+    // CPU per message: everything in this process (broker, publishers, subscriber or ingest).
+    let cpu_us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    println!("| path | messages | seconds | messages/s | process CPU per message |");
+    println!("|---|---:|---:|---:|---:|");
     println!(
-        "| forwarding (broker -> counting subscriber) | {n} | {:.2} | {:.0} |",
+        "| forwarding (broker -> counting subscriber) | {n} | {:.2} | {:.0} | {:.1} us |",
         forwarding.as_secs_f64(),
-        rate(forwarding)
+        rate(forwarding),
+        cpu_us(forwarding_cpu)
+    );
+    println!(
+        "| forwarding, acknowledged one by one by the subscriber (as ingest does) | {n} | {:.2} | {:.0} | {:.1} us |",
+        acking.as_secs_f64(),
+        rate(acking),
+        cpu_us(acking_cpu)
     );
     let mode = if journal {
         "verify, decode, dedup, aggregate, journal fsync, ack; checkpoint each second"
@@ -285,9 +336,10 @@ async fn main() {
         "verify, decode, dedup, aggregate, commit, ack"
     };
     println!(
-        "| ingest (broker -> {mode}) | {n} | {:.2} | {:.0} |",
+        "| ingest (broker -> {mode}) | {n} | {:.2} | {:.0} | {:.1} us |",
         ingest.as_secs_f64(),
-        rate(ingest)
+        rate(ingest),
+        cpu_us(ingest_cpu)
     );
     println!(
         "ingest / forwarding = {:.0}%; {commits} store commits of {:.0} messages, {commit_ms:.2} ms each; rejected: {}",

@@ -134,27 +134,53 @@ impl WindowAgg {
         if !self.shape_matches(s) {
             self.shape_mismatches += 1;
         } else {
-            if self.features.len() < s.features.len() {
-                self.features
-                    .resize(s.features.len(), FeatureAgg::default());
-            }
-            for (agg, f) in self.features.iter_mut().zip(&s.features) {
-                agg.hist.add(&f.hist);
-                let w = (f.hist.total() - u64::from(f.hist.nan)) as f64;
-                let (m, sd) = (f64::from(f.mean), f64::from(f.sd));
-                if w > 0.0 && m.is_finite() && sd.is_finite() {
-                    agg.w += w;
-                    agg.wm += w * m;
-                    agg.wq += w * (sd * sd + m * m);
-                }
-            }
-            add_into(&mut self.classes, &s.classes);
-            add_matrix(&mut self.confidence, &s.confidence);
-            self.latency.add(&s.latency);
-            if let Some(c) = &s.confusion {
-                add_matrix(&mut self.confusion, c);
+            self.add_counts(s);
+        }
+        self.add_totals(s, new_boot);
+    }
+
+    /// Adds one summary as [`WindowAgg::merge`] would add the one-summary aggregate
+    /// `{ add(s, new_boot); lost_summaries = lost }`, without building it: this is how ingest
+    /// aggregates, into the device window and each cohort window of the summary.
+    ///
+    /// So a summary's shape is compared with the window's by feature count only (as `merge`
+    /// does); histograms of other lengths add element-wise, growing where longer.
+    pub fn merge_summary(&mut self, s: &DecodedSummary, new_boot: bool, lost: i64) {
+        if self.summaries > 0 && self.features.len() != s.features.len() {
+            self.shape_mismatches += 1;
+        } else {
+            self.add_counts(s);
+        }
+        self.add_totals(s, new_boot);
+        self.lost_summaries += lost;
+    }
+
+    /// Histograms, moments, classes, confidence, latency and confusion of one summary.
+    fn add_counts(&mut self, s: &DecodedSummary) {
+        if self.features.len() < s.features.len() {
+            self.features
+                .resize(s.features.len(), FeatureAgg::default());
+        }
+        for (agg, f) in self.features.iter_mut().zip(&s.features) {
+            agg.hist.add(&f.hist);
+            let w = (f.hist.total() - u64::from(f.hist.nan)) as f64;
+            let (m, sd) = (f64::from(f.mean), f64::from(f.sd));
+            if w > 0.0 && m.is_finite() && sd.is_finite() {
+                agg.w += w;
+                agg.wm += w * m;
+                agg.wq += w * (sd * sd + m * m);
             }
         }
+        add_into(&mut self.classes, &s.classes);
+        add_matrix(&mut self.confidence, &s.confidence);
+        self.latency.add(&s.latency);
+        if let Some(c) = &s.confusion {
+            add_matrix(&mut self.confusion, c);
+        }
+    }
+
+    /// Counts, profile and health of one summary.
+    fn add_totals(&mut self, s: &DecodedSummary, new_boot: bool) {
         self.summaries += 1;
         self.inferences += s.inferences();
         self.profile = Some(self.profile.map_or(s.profile, |p| p.max(s.profile)));
@@ -323,6 +349,52 @@ mod tests {
                     prop_assert_eq!(&a.hist, &b.hist);
                     prop_assert!((a.wm - b.wm).abs() < 1e-6 * (1.0 + a.wm.abs()));
                 }
+            }
+        }
+    }
+
+    /// A summary, reshaped by `shape` (0: as is, 1: one feature fewer, 2: shorter first
+    /// histogram, 3: two classes fewer) so windows see mismatches.
+    fn reshaped(seed: u64, n: usize, labels: bool, shape: u8) -> DecodedSummary {
+        let mut s = summary(seed, n, labels);
+        match shape {
+            1 => {
+                s.features.pop();
+            }
+            2 => {
+                s.features[0].hist.bins.truncate(5);
+            }
+            3 => {
+                s.classes.truncate(8);
+                s.confidence.truncate(8);
+            }
+            _ => {}
+        }
+        s
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// `merge_summary` is exactly `merge` of the one-summary aggregate, shapes that differ
+        /// included (serialised the same, so the stored JSON is too).
+        #[test]
+        fn merge_summary_is_merge_of_one(
+            steps in proptest::collection::vec(
+                (0u64..1000, 0usize..60, any::<bool>(), 0u8..4, any::<bool>(), -3i64..5), 1..8)) {
+            let mut direct = WindowAgg::default();
+            let mut merged = WindowAgg::default();
+            for &(seed, n, labels, shape, new_boot, lost) in &steps {
+                let s = reshaped(seed, n, labels, shape);
+                direct.merge_summary(&s, new_boot, lost);
+                let mut one = WindowAgg::default();
+                one.add(&s, new_boot);
+                one.lost_summaries = lost;
+                merged.merge(&one);
+                prop_assert_eq!(&direct, &merged);
+                prop_assert_eq!(
+                    serde_json::to_string(&direct).unwrap(),
+                    serde_json::to_string(&merged).unwrap()
+                );
             }
         }
     }

@@ -5,19 +5,30 @@
 //! transaction. The async shell acknowledges messages to the broker only after that commit, so a
 //! crash between the two redelivers them and dedup drops what was already counted.
 //!
+//! The verify and decode stages are a separate, stateless [`Verifier`] ([`Pipeline::handle`] =
+//! [`Verifier::verify`] then [`Pipeline::apply`]), so each side can be run and measured alone
+//! (or the verify stage run ahead on another thread).
+//!
+//! Per-summary work is kept to what the summary changes: one cache entry per device holds its
+//! replay windows, state, open windows and cohort keys (derived from the hello and the
+//! registry's tags once, not per summary); cohort keys are interned; health stays typed until a
+//! batch is taken; window aggregates are serialised to JSON only when a batch is taken, once per
+//! changed window.
+//!
 //! Never blocks on anything but the store's own reads on a cache miss; never panics on input.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tinyfleet_device::decoded::DecodedSummary;
+use tinyfleet_device::wire::Health;
 use tinyfleet_device::{DeviceKey, Kind};
 use tinyfleet_store::{Batch, DeviceState, Registry, Store, WindowWrite};
 
 use crate::aggregate::{WindowAgg, window_start};
-use crate::decode::{Decoder, DeviceMessage, KeyStore};
+use crate::decode::{Decoder, DeviceMessage, KeyStore, Reject};
 use crate::dedup::{self, ReplayWindow, Verdict};
-use crate::metrics::{Drop, Metrics};
+use crate::metrics::{Drop, Metrics, kind_index};
 
 impl KeyStore for Registry {
     fn key(&self, device_id: &str) -> Option<DeviceKey> {
@@ -93,26 +104,142 @@ pub const UNKNOWN_COHORT: &str = "unknown";
 /// A device clock more than this far from ours is not trusted for event time.
 const MAX_CLOCK_SKEW_MS: i64 = 24 * 3600 * 1000;
 
+/// A verified and decoded message with its device, or why it was refused.
+pub type Verified = Result<(String, DeviceMessage), Reject>;
+
+/// The verify and decode stages: topic, size, key lookup, tag, strict decoding
+/// ([`Decoder::decode`] against the registry). No state of its own and cheap to clone, so it
+/// can also run on another thread ahead of [`Pipeline::apply`]; it counts nothing (the
+/// pipeline counts a message when it applies it, so counters persist with its effects).
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    decoder: Decoder,
+    registry: Registry,
+}
+
+impl Verifier {
+    pub fn new(max_payload: usize, registry: Registry) -> Self {
+        Self {
+            decoder: Decoder::new(max_payload),
+            registry,
+        }
+    }
+
+    pub fn verify(&self, topic: &str, payload: &[u8]) -> Verified {
+        self.decoder.decode(topic, payload, &self.registry)
+    }
+}
+
+/// Message kinds with a sequence-number space of their own (device->cloud).
+const KINDS: usize = 5;
+
+/// What the pipeline keeps about one device between batches.
+#[derive(Debug)]
+struct DeviceEntry {
+    id: String,
+    /// Replay window per kind (`kind_index`), once accepted or read from the store.
+    replay: [Option<ReplayWindow>; KINDS],
+    /// Kinds whose replay window changed since the last batch (bit per `kind_index`).
+    dirty_replay: u8,
+    /// Loaded from the store on the first accepted message.
+    state: Option<DeviceState>,
+    state_dirty: bool,
+    /// Health of the newest summary, kept typed until the next batch serialises it into
+    /// `state.health`.
+    health: Option<Health>,
+    /// Interned model cohort (`model@version/hw` or `unknown`); recomputed after a newer hello.
+    cohort: Option<u32>,
+    /// Interned tag cohorts (`tag:k=v`), and the tag epoch they were read in.
+    tag_cohorts: Option<(u64, Vec<u32>)>,
+    /// Open device windows (few: the current one and late or early ones).
+    windows: Vec<DeviceWindowAgg>,
+    /// Listed in `Pipeline::dirty_devices`.
+    listed: bool,
+}
+
+#[derive(Debug)]
+struct DeviceWindowAgg {
+    start: i64,
+    /// The cohort recorded with the window (stored, or the device's when it opened).
+    cohort: u32,
+    agg: WindowAgg,
+    dirty: bool,
+}
+
+#[derive(Debug)]
+struct CohortWindowAgg {
+    agg: WindowAgg,
+    dirty: bool,
+}
+
+/// Interned cohort keys and the cohort windows.
+#[derive(Debug, Default)]
+struct Cohorts {
+    ids: HashMap<String, u32>,
+    names: Vec<String>,
+    windows: HashMap<(u32, i64), CohortWindowAgg>,
+    dirty: Vec<(u32, i64)>,
+}
+
+impl Cohorts {
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(name.to_owned());
+        self.ids.insert(name.to_owned(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        self.names.get(id as usize).map_or(UNKNOWN_COHORT, |n| n)
+    }
+
+    /// Adds a summary into the window of cohort `id` starting at `start` (read from the store
+    /// on a cache miss).
+    fn merge(
+        &mut self,
+        store: &Store,
+        id: u32,
+        start: i64,
+        s: &DecodedSummary,
+        new_boot: bool,
+        lost: i64,
+    ) {
+        let name = self.names.get(id as usize).map_or(UNKNOWN_COHORT, |n| n);
+        let w = self.windows.entry((id, start)).or_insert_with(|| {
+            let agg = store
+                .cohort_window(name, start)
+                .ok()
+                .flatten()
+                .and_then(|w| serde_json::from_value(w.agg).ok())
+                .unwrap_or_default();
+            CohortWindowAgg { agg, dirty: false }
+        });
+        w.agg.merge_summary(s, new_boot, lost);
+        if !w.dirty {
+            w.dirty = true;
+            self.dirty.push((id, start));
+        }
+    }
+}
+
 /// The pipeline's state and stages.
 #[derive(Debug)]
 pub struct Pipeline {
     config: PipelineConfig,
-    decoder: Decoder,
+    verifier: Verifier,
     store: Store,
     metrics: Arc<Metrics>,
-    replay: HashMap<(String, u8), ReplayWindow>,
-    states: HashMap<String, DeviceState>,
-    device_windows: HashMap<(String, i64), (String, WindowAgg)>,
-    cohort_windows: HashMap<(String, i64), WindowAgg>,
-    dirty_replay: HashSet<(String, u8)>,
-    dirty_states: HashSet<String>,
-    dirty_device_windows: HashSet<(String, i64)>,
-    dirty_cohort_windows: HashSet<(String, i64)>,
+    slots: HashMap<String, usize>,
+    devices: Vec<DeviceEntry>,
+    cohorts: Cohorts,
+    /// Devices with changes since the last batch.
+    dirty_devices: Vec<usize>,
+    /// Bumped by every batch: tag cohorts are read from the registry again after it.
+    tags_epoch: u64,
     events: Events,
-}
-
-fn kind_code(kind: Kind) -> u8 {
-    crate::metrics::kind_index(kind).map_or(255, |i| i as u8)
 }
 
 impl Pipeline {
@@ -122,18 +249,15 @@ impl Pipeline {
             metrics.restore(&saved);
         }
         Self {
-            decoder: Decoder::new(config.max_payload),
+            verifier: Verifier::new(config.max_payload, store.registry().clone()),
             config,
             store,
             metrics,
-            replay: HashMap::new(),
-            states: HashMap::new(),
-            device_windows: HashMap::new(),
-            cohort_windows: HashMap::new(),
-            dirty_replay: HashSet::new(),
-            dirty_states: HashSet::new(),
-            dirty_device_windows: HashSet::new(),
-            dirty_cohort_windows: HashSet::new(),
+            slots: HashMap::new(),
+            devices: Vec::new(),
+            cohorts: Cohorts::default(),
+            dirty_devices: Vec::new(),
+            tags_epoch: 0,
             events: Events::default(),
         }
     }
@@ -142,12 +266,24 @@ impl Pipeline {
         &self.metrics
     }
 
-    /// Applies one message received at `received_ms` (server clock).
+    /// The verify and decode stages, to run ahead of [`Pipeline::apply`].
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    /// Applies one message received at `received_ms` (server clock): [`Verifier::verify`],
+    /// then [`Pipeline::apply`].
     pub fn handle(&mut self, topic: &str, payload: &[u8], received_ms: i64) -> Outcome {
+        let verified = self.verifier.verify(topic, payload);
+        self.apply(verified, received_ms)
+    }
+
+    /// Applies one verified message (or counts its refusal): dedup, presence, aggregation.
+    pub fn apply(&mut self, verified: Verified, received_ms: i64) -> Outcome {
         self.metrics
             .received
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (device, msg) = match self.decoder.decode(topic, payload, self.store.registry()) {
+        let (device, msg) = match verified {
             Ok(ok) => ok,
             Err(r) => {
                 self.metrics.reject(r.as_str());
@@ -155,11 +291,29 @@ impl Pipeline {
             }
         };
         let kind = msg.kind();
+        let Some(k) = kind_index(kind) else {
+            // Cloud->device kinds; the decoder refuses them already.
+            self.metrics.reject(Reject::WrongDirection.as_str());
+            return Outcome::Rejected(Reject::WrongDirection);
+        };
         let (boot, seq) = msg.boot_seq();
-        let key = (device.clone(), kind_code(kind));
-        let window = match self.replay.get(&key) {
-            Some(w) => Some(*w),
-            None => self.store.replay_window(&device, key.1).ok().flatten(),
+        let slot = self.slot(device);
+        let Self {
+            config,
+            store,
+            metrics,
+            devices,
+            cohorts,
+            dirty_devices,
+            tags_epoch,
+            events,
+            ..
+        } = self;
+        // Slots index `devices`, which only grows.
+        let entry = &mut devices[slot];
+        let window = match entry.replay[k] {
+            Some(w) => Some(w),
+            None => store.replay_window(&entry.id, k as u8).ok().flatten(),
         };
         let (new_window, lost, filled) = match dedup::check(window, boot, seq) {
             Verdict::Accept {
@@ -167,14 +321,22 @@ impl Pipeline {
                 lost,
                 filled,
             } => (window, lost, filled),
-            Verdict::Duplicate => return self.drop(Drop::Duplicate),
-            Verdict::TooOld => return self.drop(Drop::TooOld),
-            Verdict::StaleBoot => return self.drop(Drop::StaleBoot),
+            Verdict::Duplicate => return dropped(metrics, Drop::Duplicate),
+            Verdict::TooOld => return dropped(metrics, Drop::TooOld),
+            Verdict::StaleBoot => return dropped(metrics, Drop::StaleBoot),
         };
-        self.replay.insert(key.clone(), new_window);
-        self.dirty_replay.insert(key);
-        self.metrics.accept(kind);
-        let mut state = self.state(&device);
+        entry.replay[k] = Some(new_window);
+        entry.dirty_replay |= 1 << k;
+        entry.state_dirty = true;
+        if !entry.listed {
+            entry.listed = true;
+            dirty_devices.push(slot);
+        }
+        metrics.accept(kind);
+        let collect = config.collect_events;
+        let state = entry
+            .state
+            .get_or_insert_with(|| load_state(store, &entry.id));
         state.last_seen_ms = Some(
             state
                 .last_seen_ms
@@ -194,7 +356,8 @@ impl Pipeline {
                     state.model_seq = Some(h.model_seq);
                     state.hw = Some(h.hw);
                     state.caps = Some(h.caps);
-                    self.set_online(&mut state, true, "hello", received_ms);
+                    set_online(events, collect, state, true, "hello", received_ms);
+                    entry.cohort = None;
                 }
             }
             DeviceMessage::Will(w) => {
@@ -205,19 +368,19 @@ impl Pipeline {
                 if at_least_current {
                     state.presence.hello_boot = Some(w.boot);
                     state.presence.hello_seq = Some(w.seq);
-                    self.set_online(&mut state, false, "will", received_ms);
+                    set_online(events, collect, state, false, "will", received_ms);
                 }
             }
             DeviceMessage::Summary(s) => {
                 let lost_net = i64::from(lost) - i64::from(filled);
-                self.metrics
+                metrics
                     .lost_summaries
                     .fetch_add(lost_net, std::sync::atomic::Ordering::Relaxed);
                 state.summaries += 1;
                 state.lost_summaries = (state.lost_summaries as i64 + lost_net).max(0) as u64;
                 let new_boot = state.health_boot.is_some_and(|b| s.boot > b);
                 if (Some(s.boot), Some(s.seq)) > (state.health_boot, state.health_seq) {
-                    state.health = serde_json::to_value(s.health).ok();
+                    entry.health = Some(s.health);
                     state.health_boot = Some(s.boot);
                     state.health_seq = Some(s.seq);
                     state.health_uptime_ms = Some(s.t_end_ms);
@@ -225,7 +388,7 @@ impl Pipeline {
                 if !state.presence.online
                     && state.presence.offline_reason.as_deref() != Some("will")
                 {
-                    self.set_online(&mut state, true, "summary", received_ms);
+                    set_online(events, collect, state, true, "summary", received_ms);
                 }
                 let event_ms = match s.unix_s {
                     Some(u)
@@ -238,17 +401,60 @@ impl Pipeline {
                     }
                     _ => received_ms,
                 };
-                let cohort = match (&state.model_id, &state.model_version, &state.hw) {
-                    (Some(m), Some(v), Some(h)) => tinyfleet_store::cohort_key(m, v, h),
-                    _ => UNKNOWN_COHORT.to_owned(),
+                let cohort = *entry.cohort.get_or_insert_with(|| {
+                    match (&state.model_id, &state.model_version, &state.hw) {
+                        (Some(m), Some(v), Some(h)) => {
+                            cohorts.intern(&tinyfleet_store::cohort_key(m, v, h))
+                        }
+                        _ => cohorts.intern(UNKNOWN_COHORT),
+                    }
+                });
+                if entry.tag_cohorts.as_ref().map(|t| t.0) != Some(*tags_epoch) {
+                    let ids = store
+                        .registry()
+                        .tags(&entry.id)
+                        .iter()
+                        .map(|(k, v)| cohorts.intern(&format!("tag:{k}={v}")))
+                        .collect();
+                    entry.tag_cohorts = Some((*tags_epoch, ids));
+                }
+                let start = window_start(event_ms, config.window_ms);
+                // The device window.
+                let w = match entry.windows.iter().rposition(|w| w.start == start) {
+                    Some(i) => &mut entry.windows[i],
+                    None => {
+                        let stored = store
+                            .device_window(&entry.id, start)
+                            .ok()
+                            .flatten()
+                            .and_then(|w| Some((w.cohort, serde_json::from_value(w.agg).ok()?)));
+                        let (cohort, agg) = match stored {
+                            Some((c, agg)) => (cohorts.intern(&c), agg),
+                            None => (cohort, WindowAgg::default()),
+                        };
+                        entry.windows.push(DeviceWindowAgg {
+                            start,
+                            cohort,
+                            agg,
+                            dirty: false,
+                        });
+                        let last = entry.windows.len() - 1;
+                        &mut entry.windows[last]
+                    }
                 };
-                let start = window_start(event_ms, self.config.window_ms);
-                let tags = self.store.registry().tags(&device);
-                self.aggregate(&device, &cohort, &tags, start, &s, new_boot, lost_net);
-                if self.config.collect_events {
-                    self.events.summaries.push(SummaryEvent {
-                        device: device.clone(),
-                        cohort,
+                w.agg.merge_summary(&s, new_boot, lost_net);
+                w.dirty = true;
+                // The model cohort's window and each tag cohort's.
+                cohorts.merge(store, cohort, start, &s, new_boot, lost_net);
+                if let Some((_, tags)) = &entry.tag_cohorts {
+                    for &t in tags {
+                        cohorts.merge(store, t, start, &s, new_boot, lost_net);
+                    }
+                }
+                if collect {
+                    events.summaries.push(SummaryEvent {
+                        device: entry.id.clone(),
+                        cohort: cohorts.name(cohort).to_owned(),
                         event_ms,
                         received_ms,
                         summary: Arc::from(s),
@@ -259,175 +465,141 @@ impl Pipeline {
             // Handed to the OTA service when it lands; counted and deduplicated here.
             DeviceMessage::Progress(_) | DeviceMessage::BlockRequest(_) => {}
         }
-        self.dirty_states.insert(device.clone());
-        self.states.insert(device, state);
         Outcome::Accepted(kind)
     }
 
-    fn drop(&self, d: Drop) -> Outcome {
-        self.metrics.reject(d.as_str());
-        Outcome::Dropped(d)
-    }
-
-    /// Takes a device's state out of the cache (or the store); put it back when done.
-    fn state(&mut self, device: &str) -> DeviceState {
-        if let Some(s) = self.states.remove(device) {
-            return s;
+    /// The cache slot of `device`, created empty on first sight.
+    fn slot(&mut self, device: String) -> usize {
+        if let Some(&slot) = self.slots.get(&device) {
+            return slot;
         }
-        self.store
-            .device_state(device)
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| DeviceState {
-                id: device.to_owned(),
-                ..DeviceState::default()
-            })
-    }
-
-    fn set_online(&mut self, state: &mut DeviceState, online: bool, reason: &'static str, at: i64) {
-        let changed = state.presence.online != online;
-        state.presence.online = online;
-        state.presence.offline_reason = (!online).then(|| reason.to_owned());
-        if changed && self.config.collect_events {
-            self.events.presence.push(PresenceEvent {
-                device: state.id.clone(),
-                online,
-                reason,
-                at_ms: at,
-            });
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn aggregate(
-        &mut self,
-        device: &str,
-        cohort: &str,
-        tags: &std::collections::BTreeMap<String, String>,
-        start: i64,
-        s: &DecodedSummary,
-        new_boot: bool,
-        lost: i64,
-    ) {
-        let mut one = WindowAgg::default();
-        one.add(s, new_boot);
-        one.lost_summaries = lost;
-        let dkey = (device.to_owned(), start);
-        if !self.device_windows.contains_key(&dkey) {
-            let stored = self
-                .store
-                .device_window(device, start)
-                .ok()
-                .flatten()
-                .and_then(|w| Some((w.cohort, serde_json::from_value(w.agg).ok()?)));
-            self.device_windows.insert(
-                dkey.clone(),
-                stored.unwrap_or_else(|| (cohort.to_owned(), WindowAgg::default())),
-            );
-        }
-        if let Some((_, agg)) = self.device_windows.get_mut(&dkey) {
-            agg.merge(&one);
-        }
-        self.dirty_device_windows.insert(dkey);
-        let cohorts = std::iter::once(cohort.to_owned())
-            .chain(tags.iter().map(|(k, v)| format!("tag:{k}={v}")));
-        for c in cohorts {
-            let ckey = (c, start);
-            if !self.cohort_windows.contains_key(&ckey) {
-                let stored = self
-                    .store
-                    .cohort_window(&ckey.0, start)
-                    .ok()
-                    .flatten()
-                    .and_then(|w| serde_json::from_value(w.agg).ok());
-                self.cohort_windows
-                    .insert(ckey.clone(), stored.unwrap_or_default());
-            }
-            if let Some(agg) = self.cohort_windows.get_mut(&ckey) {
-                agg.merge(&one);
-            }
-            self.dirty_cohort_windows.insert(ckey);
-        }
+        let slot = self.devices.len();
+        self.devices.push(DeviceEntry {
+            id: device.clone(),
+            replay: [None; KINDS],
+            dirty_replay: 0,
+            state: None,
+            state_dirty: false,
+            health: None,
+            cohort: None,
+            tag_cohorts: None,
+            windows: Vec::new(),
+            listed: false,
+        });
+        self.slots.insert(device, slot);
+        slot
     }
 
     /// Marks devices silent for longer than `offline_after_ms` as offline (reason `timeout`).
     /// Returns how many changed.
     pub fn sweep_inactive(&mut self, now_ms: i64) -> usize {
         let before = now_ms - self.config.offline_after_ms;
-        let mut ids: HashSet<String> = self
-            .states
-            .values()
-            .filter(|s| s.presence.online && s.last_seen_ms.is_some_and(|t| t < before))
-            .map(|s| s.id.clone())
+        let mut slots: Vec<usize> = self
+            .devices
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                e.state.as_ref().is_some_and(|s| {
+                    s.presence.online && s.last_seen_ms.is_some_and(|t| t < before)
+                })
+            })
+            .map(|(i, _)| i)
             .collect();
         if let Ok(stored) = self.store.silent_online_devices(before) {
             // Stored rows are stale for devices the cache holds; the cache decides for those.
-            ids.extend(
-                stored
-                    .into_iter()
-                    .filter(|id| !self.states.contains_key(id)),
-            );
+            let stored: HashSet<String> = stored.into_iter().collect();
+            for id in stored {
+                let cached = self
+                    .slots
+                    .get(&id)
+                    .and_then(|&i| self.devices.get(i))
+                    .is_some_and(|e| e.state.is_some());
+                if !cached {
+                    slots.push(self.slot(id));
+                }
+            }
         }
         let mut changed = 0;
-        for id in ids {
-            let mut state = self.state(&id);
+        let collect = self.config.collect_events;
+        for slot in slots {
+            let Some(entry) = self.devices.get_mut(slot) else {
+                continue;
+            };
+            let state = entry
+                .state
+                .get_or_insert_with(|| load_state(&self.store, &entry.id));
             if state.presence.online {
-                self.set_online(&mut state, false, "timeout", now_ms);
+                set_online(&mut self.events, collect, state, false, "timeout", now_ms);
                 state.updated_ms = now_ms;
-                self.dirty_states.insert(id.clone());
+                entry.state_dirty = true;
+                if !entry.listed {
+                    entry.listed = true;
+                    self.dirty_devices.push(slot);
+                }
                 changed += 1;
             }
-            self.states.insert(id, state);
         }
         changed
     }
 
     /// Whether anything awaits a commit.
     pub fn has_changes(&self) -> bool {
-        !(self.dirty_replay.is_empty()
-            && self.dirty_states.is_empty()
-            && self.dirty_device_windows.is_empty()
-            && self.dirty_cohort_windows.is_empty())
+        !(self.dirty_devices.is_empty() && self.cohorts.dirty.is_empty())
     }
 
-    /// The changes since the last batch, as one store transaction, and the sink events.
+    /// The changes since the last batch, as one store transaction, and the sink events. Health
+    /// and window aggregates are serialised here, once per changed device or window.
     pub fn take_batch(&mut self) -> (Batch, Events) {
         let mut batch = Batch::default();
-        for key in self.dirty_replay.drain() {
-            if let Some(w) = self.replay.get(&key) {
-                batch.replay.push((key.0, key.1, *w));
+        let mut buf = Vec::new();
+        for slot in std::mem::take(&mut self.dirty_devices) {
+            let Some(e) = self.devices.get_mut(slot) else {
+                continue;
+            };
+            e.listed = false;
+            for (k, w) in e.replay.iter().enumerate() {
+                if e.dirty_replay & (1 << k) != 0
+                    && let Some(w) = w
+                {
+                    batch.replay.push((e.id.clone(), k as u8, *w));
+                }
             }
-        }
-        for id in self.dirty_states.drain() {
-            if let Some(s) = self.states.get(&id) {
-                batch.states.push(s.clone());
-            }
-        }
-        for key in self.dirty_device_windows.drain() {
-            if let Some((cohort, agg)) = self.device_windows.get(&key)
-                && let Ok(json) = serde_json::to_string(agg)
+            e.dirty_replay = 0;
+            if std::mem::take(&mut e.state_dirty)
+                && let Some(state) = &mut e.state
             {
-                batch.device_windows.push(WindowWrite {
-                    key: key.0,
-                    start_ms: key.1,
-                    cohort: Some(cohort.clone()),
-                    json,
-                });
+                if let Some(h) = e.health.take() {
+                    state.health = serde_json::to_value(h).ok();
+                }
+                batch.states.push(state.clone());
+            }
+            for w in e.windows.iter_mut().filter(|w| w.dirty) {
+                w.dirty = false;
+                if let Some(json) = to_json(&mut buf, &w.agg) {
+                    batch.device_windows.push(WindowWrite {
+                        key: e.id.clone(),
+                        start_ms: w.start,
+                        cohort: Some(self.cohorts.name(w.cohort).to_owned()),
+                        json,
+                    });
+                }
             }
         }
-        for key in self.dirty_cohort_windows.drain() {
-            if let Some(agg) = self.cohort_windows.get(&key)
-                && let Ok(json) = serde_json::to_string(agg)
-            {
-                batch.cohort_windows.push(WindowWrite {
-                    key: key.0,
-                    start_ms: key.1,
-                    cohort: None,
-                    json,
-                });
+        for key in std::mem::take(&mut self.cohorts.dirty) {
+            if let Some(w) = self.cohorts.windows.get_mut(&key) {
+                w.dirty = false;
+                if let Some(json) = to_json(&mut buf, &w.agg) {
+                    batch.cohort_windows.push(WindowWrite {
+                        key: self.cohorts.name(key.0).to_owned(),
+                        start_ms: key.1,
+                        cohort: None,
+                        json,
+                    });
+                }
             }
         }
         batch.counters = self.metrics.snapshot();
+        self.tags_epoch += 1;
         (batch, std::mem::take(&mut self.events))
     }
 
@@ -435,13 +607,60 @@ impl Pipeline {
     /// (late summaries for them are read back from the store). Call after a commit.
     pub fn evict_old_windows(&mut self, now_ms: i64) {
         let keep_from = window_start(now_ms, self.config.window_ms) - self.config.window_ms;
-        self.device_windows
-            .retain(|k, _| k.1 >= keep_from || self.dirty_device_windows.contains(k));
-        self.cohort_windows
-            .retain(|k, _| k.1 >= keep_from || self.dirty_cohort_windows.contains(k));
+        for e in &mut self.devices {
+            e.windows.retain(|w| w.start >= keep_from || w.dirty);
+        }
+        self.cohorts
+            .windows
+            .retain(|k, w| k.1 >= keep_from || w.dirty);
     }
 
     pub fn store(&self) -> &Store {
         &self.store
     }
+}
+
+fn dropped(metrics: &Metrics, d: Drop) -> Outcome {
+    metrics.reject(d.as_str());
+    Outcome::Dropped(d)
+}
+
+/// A device's stored state, or a fresh one.
+fn load_state(store: &Store, device: &str) -> DeviceState {
+    store
+        .device_state(device)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| DeviceState {
+            id: device.to_owned(),
+            ..DeviceState::default()
+        })
+}
+
+fn set_online(
+    events: &mut Events,
+    collect: bool,
+    state: &mut DeviceState,
+    online: bool,
+    reason: &'static str,
+    at: i64,
+) {
+    let changed = state.presence.online != online;
+    state.presence.online = online;
+    state.presence.offline_reason = (!online).then(|| reason.to_owned());
+    if changed && collect {
+        events.presence.push(PresenceEvent {
+            device: state.id.clone(),
+            online,
+            reason,
+            at_ms: at,
+        });
+    }
+}
+
+/// The JSON of a window aggregate, through a reused buffer (one allocation of the right size).
+fn to_json(buf: &mut Vec<u8>, agg: &WindowAgg) -> Option<String> {
+    buf.clear();
+    serde_json::to_writer(&mut *buf, agg).ok()?;
+    String::from_utf8(buf.clone()).ok()
 }

@@ -115,13 +115,11 @@ async fn run_one(
                     tracing::info!(session_present, "ingest connected to the broker");
                 }
                 ClientEvent::Message(publish) => {
-                    let topic = publish.topic.clone();
-                    let payload = publish.payload.to_vec();
                     // Registered before the next poll, in receive order (see `Acker`).
                     let token = acker.token(&publish);
                     let incoming = Incoming {
-                        topic,
-                        payload,
+                        topic: publish.topic,
+                        payload: publish.payload.to_vec(),
                         received_ms: tinyfleet_store::now_ms(),
                         ack: Some((acker.clone(), token)),
                     };

@@ -283,3 +283,130 @@ fn presence_follows_boot_and_seq_not_arrival() {
     let state = store.device_state("dev-p").unwrap().unwrap();
     assert_eq!(state.presence.offline_reason.as_deref(), Some("will"));
 }
+
+fn hello_with(d: &Device, boot: u32, seq: u32, model_version: &str) -> (String, Vec<u8>) {
+    let id = DeviceId::new(&d.id).unwrap();
+    let msg = wire::Hello {
+        boot,
+        seq,
+        fw: "1.0.0",
+        model_id: "kws",
+        model_version,
+        model_seq: 3,
+        hw: "nrf52840",
+        caps: 0,
+        reset: wire::reset::POWER_ON,
+        unix_s: None,
+    };
+    let mut out = [0u8; 256];
+    let n = wire::seal(id, &d.key, Kind::Hello, &msg, &mut out).unwrap();
+    (
+        Topic::new(id, Kind::Hello).as_str().to_owned(),
+        out[..n].to_vec(),
+    )
+}
+
+/// Which windows a summary lands in, and what they hold: the device window keeps the cohort it
+/// opened with; cohort windows follow the newest hello; every tag has its own cohort; each
+/// window is the merge of its summaries' one-summary aggregates (gaps included); the stored
+/// health is the newest summary's, as JSON.
+#[test]
+fn windows_follow_the_hello_and_the_tags() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let d = provision(&store, "dev-w", &[("site", "north"), ("zone", "z1")]);
+    let mut p = pipeline(&store);
+    let sums = summaries(&d, 1, 6);
+    let decoded: Vec<_> = sums
+        .iter()
+        .map(|(t, m)| {
+            match tinyfleet_ingest::decode::Decoder::default()
+                .decode(t, m, store.registry())
+                .unwrap()
+                .1
+            {
+                tinyfleet_ingest::decode::DeviceMessage::Summary(s) => s,
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect();
+    let (t, m) = hello_with(&d, 1, 0, "3");
+    p.handle(&t, &m, T0);
+    // Summaries 0, 1 and (after a gap at 2) 3 under model version 3.
+    for i in [0, 1, 3] {
+        p.handle(&sums[i].0, &sums[i].1, T0);
+    }
+    let (t, m) = hello_with(&d, 1, 1, "4");
+    p.handle(&t, &m, T0);
+    // 2 fills the gap, then 4 and 5, under version 4.
+    for i in [2, 4, 5] {
+        p.handle(&sums[i].0, &sums[i].1, T0);
+    }
+    commit(&mut p);
+
+    let one = |i: usize, lost: i64| {
+        let mut w = WindowAgg::default();
+        w.add(&decoded[i], false);
+        w.lost_summaries = lost;
+        w
+    };
+    let merged = |parts: &[(usize, i64)]| {
+        let mut w = WindowAgg::default();
+        for &(i, lost) in parts {
+            w.merge(&one(i, lost));
+        }
+        w
+    };
+    let v3 = [(0, 0), (1, 0), (3, 1)];
+    let v4 = [(2, -1), (4, 0), (5, 0)];
+    let all = [(0, 0), (1, 0), (3, 1), (2, -1), (4, 0), (5, 0)];
+    let start = T0.div_euclid(300_000) * 300_000;
+    let stored = |cohort: &str| -> WindowAgg {
+        serde_json::from_value(store.cohort_window(cohort, start).unwrap().unwrap().agg).unwrap()
+    };
+    assert_eq!(stored("kws@3/nrf52840"), merged(&v3));
+    assert_eq!(stored("kws@4/nrf52840"), merged(&v4));
+    assert_eq!(stored("tag:site=north"), merged(&all));
+    assert_eq!(stored("tag:zone=z1"), merged(&all));
+    let w = store.device_window("dev-w", start).unwrap().unwrap();
+    assert_eq!(w.cohort, "kws@3/nrf52840");
+    let agg: WindowAgg = serde_json::from_value(w.agg).unwrap();
+    assert_eq!(agg, merged(&all));
+    assert_eq!(agg.lost_summaries, 0);
+    let state = store.device_state("dev-w").unwrap().unwrap();
+    assert_eq!(
+        state.health,
+        Some(serde_json::to_value(decoded[5].health).unwrap())
+    );
+    assert_eq!((state.health_boot, state.health_seq), (Some(1), Some(5)));
+}
+
+/// The verify stage alone, then the rest: the same as `handle`.
+#[test]
+fn verify_then_apply_is_handle() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let d = provision(&store, "dev-v", &[]);
+    let mut p = pipeline(&store);
+    let sums = summaries(&d, 1, 2);
+    let verifier = p.verifier().clone();
+    let verified = std::thread::spawn(move || {
+        sums.iter()
+            .map(|(t, m)| verifier.verify(t, m))
+            .chain([verifier.verify("tf/v1/dev-v/sum", b"junk")])
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    let outcomes: Vec<_> = verified.into_iter().map(|v| p.apply(v, T0)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Accepted(Kind::Summary),
+            Outcome::Accepted(Kind::Summary),
+            Outcome::Rejected(tinyfleet_ingest::decode::Reject::Malformed)
+        ]
+    );
+    assert_eq!(p.metrics().accepted("summary"), 2);
+    assert_eq!(p.metrics().rejected("malformed"), 1);
+}
