@@ -106,10 +106,19 @@ impl Journal {
         Ok(decode(&bytes))
     }
 
-    /// Appends encoded records and waits until they are on disk.
+    /// Appends encoded records and waits until they are on disk. On failure the file is cut
+    /// back to where it was, so a retry does not land after a torn record (which replay would
+    /// stop at, losing the retried records).
     pub fn append(&mut self, encoded: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(encoded)?;
-        self.file.sync_data()
+        let before = self.file.metadata()?.len();
+        let result = self
+            .file
+            .write_all(encoded)
+            .and_then(|()| self.file.sync_data());
+        if result.is_err() {
+            let _ = self.file.set_len(before);
+        }
+        result
     }
 
     /// Empties the journal after a checkpoint holds everything in it.
