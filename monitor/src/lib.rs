@@ -233,8 +233,14 @@ impl Monitor {
             "presence",
             conditions::presence(&offline, now_ms),
         ));
+        // Profiles are read once per step, however many windows are due (catch-up).
+        let mut profiles = None;
         while let Some(start) = self.next_due(now_ms)? {
-            self.evaluate_window(start, now_ms, out)?;
+            let profiles = match &profiles {
+                Some(p) => p,
+                None => profiles.insert(self.load_profiles()?),
+            };
+            self.evaluate_window(start, now_ms, profiles, out)?;
             report.windows += 1;
         }
         self.save_alerts(now_ms, |st| out.notes.extend(st.alerts.tick(now_ms)))
@@ -265,13 +271,15 @@ impl Monitor {
         &self,
         start: i64,
         now_ms: i64,
+        profiles: &HashMap<(String, String), MonitoringProfile>,
         out: &mut Outbox,
     ) -> Result<(), MonitorError> {
         let s = &*self.shared;
         let began = std::time::Instant::now();
         let inputs = s.store.drift_inputs(start)?;
-        let profiles = self.load_profiles()?;
         let mut windows: Vec<DeviceWindow> = Vec::with_capacity(inputs.len());
+        // The stored cohort key of each entry of `windows`, for the health labels.
+        let mut cohorts: Vec<String> = Vec::with_capacity(inputs.len());
         let mut unassigned: Vec<(String, String, WindowAgg)> = Vec::new();
         for input in inputs {
             let agg: WindowAgg = match serde_json::from_str(&input.agg_json) {
@@ -283,25 +291,24 @@ impl Monitor {
                 }
             };
             match parse_cohort_key(&input.cohort) {
-                Some((model_id, model_version, hw)) => windows.push(DeviceWindow {
-                    device: input.id,
-                    model_id: model_id.to_owned(),
-                    model_version: model_version.to_owned(),
-                    hw: hw.to_owned(),
-                    tags: input.tags,
-                    agg,
-                }),
+                Some((model_id, model_version, hw)) => {
+                    windows.push(DeviceWindow {
+                        device: input.id,
+                        model_id: model_id.to_owned(),
+                        model_version: model_version.to_owned(),
+                        hw: hw.to_owned(),
+                        tags: input.tags,
+                        agg,
+                    });
+                    cohorts.push(input.cohort);
+                }
                 // A device that has not said hello yet has no model: health only.
                 None => unassigned.push((input.id, input.cohort, agg)),
             }
         }
-        let cohort_keys: Vec<String> = windows
-            .iter()
-            .map(|w| tinyfleet_store::cohort_key(&w.model_id, &w.model_version, &w.hw))
-            .collect();
         let health_inputs: Vec<HealthInput<'_>> = windows
             .iter()
-            .zip(&cohort_keys)
+            .zip(&cohorts)
             .map(|(w, c)| HealthInput {
                 device: &w.device,
                 cohort: c,
@@ -324,14 +331,14 @@ impl Monitor {
             .config
             .settings
             .drift
-            .then(|| st.engine.evaluate(start, &windows, &profiles));
+            .then(|| st.engine.evaluate(start, &windows, profiles));
         if let Some(eval) = &evaluation {
             let max_age = s.config.drift.max_pool_windows;
             st.active
                 .update(eval, &reported, s.config.window_ms, max_age);
             let drift: Vec<_> = st.active.iter().map(conditions::finding).collect();
             out.notes.extend(st.alerts.evaluate(now_ms, "drift", drift));
-            for request in retrain::requests(eval, &profiles) {
+            for request in retrain::requests(eval, profiles) {
                 if let RetrainDecision::Trigger(t) = st.alerts.retrain(now_ms, request) {
                     out.triggers.push(t);
                 }
