@@ -43,7 +43,10 @@ pub enum DeviceCommand {
     Revoke { id: String },
 }
 
-fn call(req: reqwest::blocking::RequestBuilder, token: &str) -> Result<serde_json::Value, String> {
+pub(crate) fn call(
+    req: reqwest::blocking::RequestBuilder,
+    token: &str,
+) -> Result<serde_json::Value, String> {
     let resp = req
         .bearer_auth(token)
         .send()
@@ -89,7 +92,7 @@ pub enum ModelCommand {
     List { model: String },
 }
 
-fn url_segment(s: &str) -> Result<&str, String> {
+pub(crate) fn url_segment(s: &str) -> Result<&str, String> {
     if s.is_empty() || s.contains(['/', '?', '#', '%', '&']) {
         Err(format!("{s:?} cannot be used in a URL path"))
     } else {

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 
 mod config;
 mod devices;
+mod ota_bridge;
+mod rollouts;
 mod serve;
 use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
 use tinyfleet_device::wire::{self, DeviceId, Kind, Topic};
@@ -51,6 +53,14 @@ enum Command {
         api: devices::ApiArgs,
         #[command(subcommand)]
         command: devices::ModelCommand,
+    },
+    /// Staged rollouts through the API: start, list, status, audit, pause, resume, advance,
+    /// abort.
+    Rollout {
+        #[command(flatten)]
+        api: devices::ApiArgs,
+        #[command(subcommand)]
+        command: rollouts::RolloutCommand,
     },
     /// Build a model version's monitoring profile from a reference data set (CSV).
     Profile {
@@ -190,6 +200,7 @@ fn main() -> ExitCode {
         Command::Serve { config, data_dir } => run_serve(config.as_deref(), data_dir),
         Command::Device { api, command } => devices::run(&api, command),
         Command::Model { api, command } => devices::model(&api, command),
+        Command::Rollout { api, command } => rollouts::run(&api, command),
         Command::Profile { command } => profile(command),
         Command::DriftEval { devices, runs } => drift_eval(devices, runs),
         Command::Demo {

@@ -24,6 +24,8 @@ use tinyfleet_store::Store;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
+use crate::ota_bridge::{self, BlockCounters, MqttOffers, RolloutFeed};
+use tinyfleet_ota_service::service::Rollouts;
 
 fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
@@ -132,7 +134,7 @@ pub async fn serve(
     };
 
     let metrics = Arc::new(Metrics::default());
-    let pipeline = Pipeline::new(
+    let mut pipeline = Pipeline::new(
         PipelineConfig {
             window_ms: config.ingest.window_secs as i64 * 1000,
             offline_after_ms: config.ingest.offline_after_secs as i64 * 1000,
@@ -147,6 +149,10 @@ pub async fn serve(
         store.clone(),
         metrics.clone(),
     );
+    // Block requests go to the OTA service as soon as ingest has verified them.
+    let block_counters = Arc::new(BlockCounters::default());
+    let (block_hook, block_rx) = ota_bridge::block_queue(block_counters.clone());
+    pipeline.on_block_request(block_hook);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (tx, rx) = mpsc::channel(config.ingest.max_batch.max(1000) * 2);
     let client_template = client.clone();
@@ -169,7 +175,8 @@ pub async fn serve(
         checkpoint_interval: std::time::Duration::from_millis(config.ingest.checkpoint_ms),
         ..ShellConfig::default()
     };
-    let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
+    let (rollout_feed, rollout_feed_rx) = RolloutFeed::new();
+    let mut sinks: Vec<Arc<dyn EventSink>> = vec![Arc::new(rollout_feed)];
     let mut influx = None;
     if let Some(influx_config) = &config.influx {
         let (sink, task) = InfluxSink::spawn(influx_config.clone())
@@ -185,28 +192,31 @@ pub async fn serve(
         shutdown_rx.clone(),
     ));
 
-    // The monitor: drift, health and presence -> alerts, retraining triggers, MQTT events.
-    let (deliverer, delivery_task) =
-        Deliverer::spawn(&config.alerts).map_err(|e| format!("config [alerts]: {e}"))?;
-    let alert_client = ClientConfig {
+    // The service's own MQTT connection: alert events, OTA blocks and offers.
+    let publisher_client = ClientConfig {
         client_id: match &config.mqtt {
-            Some(m) => format!("{}-monitor", m.client_id),
-            None => "tinyfleet-monitor".to_owned(),
+            Some(m) => format!("{}-publisher", m.client_id),
+            None => "tinyfleet-publisher".to_owned(),
         },
         clean_session: true,
         manual_acks: false,
         ..client_template
     };
-    let (alert_mqtt, mut alert_conn) = tinyfleet_broker::client::connect(&alert_client);
-    let mut alert_shutdown = shutdown_rx.clone();
-    let alert_conn_task = tokio::spawn(async move {
+    let (publisher, mut publisher_conn) = tinyfleet_broker::client::connect(&publisher_client);
+    let mut publisher_shutdown = shutdown_rx.clone();
+    let publisher_task = tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = alert_conn.next() => {}
-                _ = alert_shutdown.changed() => break,
+                _ = publisher_conn.next() => {}
+                _ = publisher_shutdown.changed() => break,
             }
         }
     });
+
+    // The monitor: drift, health and presence -> alerts, retraining triggers, MQTT events.
+    let (deliverer, delivery_task) =
+        Deliverer::spawn(&config.alerts).map_err(|e| format!("config [alerts]: {e}"))?;
+    let alert_mqtt = publisher.clone();
     let publish: Publish = Arc::new(move |topic: String, body: Vec<u8>| {
         if let Err(e) = alert_mqtt.try_publish(topic, QoS::AtLeastOnce, false, body) {
             tracing::warn!(error = %e, "alert event not published on MQTT");
@@ -247,15 +257,57 @@ pub async fn serve(
         .await
         .map_err(|e| e.to_string())??
     };
+    let ota = Arc::new(ota);
+    let blocks_task = tokio::spawn(ota_bridge::serve_blocks(
+        ota.clone(),
+        publisher.clone(),
+        block_rx,
+        block_counters.clone(),
+        shutdown_rx.clone(),
+    ));
+    // Rollouts: offers out as retained MQTT messages; progress, presence and quality in.
+    let (offers, offers_task) = MqttOffers::spawn(publisher.clone(), shutdown_rx.clone());
+    let rollouts = {
+        let (store, ota) = (store.clone(), ota.clone());
+        let rollouts = tokio::task::spawn_blocking(move || {
+            Rollouts::open(store, ota, Arc::new(offers), tinyfleet_store::now_ms())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot open the rollouts: {e}"))?;
+        Arc::new(rollouts)
+    };
+    let feed_task = tokio::spawn(ota_bridge::feed_rollouts(
+        rollouts.clone(),
+        rollout_feed_rx,
+        shutdown_rx.clone(),
+    ));
+    let tick_task = tokio::spawn(ota_bridge::tick_rollouts(
+        rollouts.clone(),
+        std::time::Duration::from_millis(config.ota.rollout_tick_ms),
+        shutdown_rx.clone(),
+    ));
+    {
+        let rollouts = rollouts.clone();
+        monitor.observe_windows(Arc::new(move |start, windows, profiles| {
+            let observations = ota_bridge::quality_observations(start, windows, profiles);
+            rollouts.on_window(&observations, tinyfleet_store::now_ms());
+        }));
+    }
     let api_state = ApiState {
         store: store.clone(),
         metrics: metrics.clone(),
         tokens: Arc::new(tokens),
         monitor: monitor.clone(),
-        ota: Arc::new(ota),
+        ota: ota.clone(),
+        rollouts: rollouts.clone(),
         extra_metrics: {
             let monitor = monitor.clone();
-            Arc::new(move || monitor.render_prometheus(tinyfleet_store::now_ms()))
+            Arc::new(move || {
+                let mut out = monitor.render_prometheus(tinyfleet_store::now_ms());
+                out.push_str(&block_counters.render_prometheus());
+                out
+            })
         },
     };
     let mut api_shutdown = shutdown_rx.clone();
@@ -291,7 +343,11 @@ pub async fn serve(
     let _ = source.await;
     let _ = ingest.await;
     let _ = monitor_task.await;
-    let _ = alert_conn_task.await;
+    let _ = blocks_task.await;
+    let _ = feed_task.await;
+    let _ = tick_task.await;
+    let _ = offers_task.await;
+    let _ = publisher_task.await;
     let _ = api.await;
     if !monitor.flush(std::time::Duration::from_secs(5)).await {
         tracing::warn!("alert notifications not delivered before exit");

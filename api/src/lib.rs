@@ -31,6 +31,7 @@ use tinyfleet_store::{DeviceQuery, Store, StoreError};
 mod monitoring;
 mod openapi;
 mod ota;
+mod rollouts;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
@@ -82,6 +83,8 @@ pub struct ApiState {
     pub monitor: tinyfleet_monitor::Monitor,
     /// Model versions, patches and signed offers.
     pub ota: Arc<tinyfleet_ota_service::Ota>,
+    /// Staged rollouts and continuous-delivery policies.
+    pub rollouts: Arc<tinyfleet_ota_service::service::Rollouts>,
     /// Extra Prometheus text appended to `/metrics` (e.g. the broker's or a sink's).
     pub extra_metrics: ExtraMetrics,
 }
@@ -244,6 +247,22 @@ pub fn router(state: ApiState) -> Router {
             get(ota::offer),
         )
         .route("/api/v1/ota/keys", get(ota::keys))
+        .route(
+            "/api/v1/models/{id}/policy",
+            get(rollouts::get_policy)
+                .put(rollouts::put_policy)
+                .delete(rollouts::delete_policy),
+        )
+        .route(
+            "/api/v1/rollouts",
+            get(rollouts::list).post(rollouts::create),
+        )
+        .route("/api/v1/rollouts/{id}", get(rollouts::status))
+        .route("/api/v1/rollouts/{id}/audit", get(rollouts::audit))
+        .route("/api/v1/rollouts/{id}/pause", post(rollouts::pause))
+        .route("/api/v1/rollouts/{id}/resume", post(rollouts::resume))
+        .route("/api/v1/rollouts/{id}/advance", post(rollouts::advance))
+        .route("/api/v1/rollouts/{id}/abort", post(rollouts::abort))
         .route("/ota/v1/objects/{sha}", get(ota::object))
         .with_state(state)
 }
@@ -346,7 +365,14 @@ async fn device(
             .get(&id)
             .ok_or_else(|| ApiError::NotFound(format!("no device {id}")))?;
         let state = s.store.device_state(&id)?;
-        Ok(serde_json::json!({ "device": record, "state": state }))
+        // The newest OTA progress report, with its state's name.
+        use tinyfleet_ota_service::rollout::InstallState;
+        let ota = s.store.device_ota(&id)?.map(|o| {
+            let mut v = serde_json::json!(o);
+            v["state_name"] = serde_json::json!(InstallState::from_code(o.state));
+            v
+        });
+        Ok(serde_json::json!({ "device": record, "state": state, "ota": ota }))
     })
     .await?;
     Ok(Json(out))
@@ -468,7 +494,19 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
+    /// Offers published by the rollout service, for tests.
+    #[derive(Debug, Default)]
+    pub(crate) struct NullSink;
+
+    impl tinyfleet_ota_service::service::OfferSink for NullSink {
+        fn publish(&self, _device: &str, _offer: Option<Vec<u8>>) {}
+    }
+
     fn app(dir: &std::path::Path) -> Router {
+        router(state(dir))
+    }
+
+    pub(crate) fn state(dir: &std::path::Path) -> ApiState {
         let store = Store::open(dir).unwrap();
         let alerts = tinyfleet_alerts::AlertsConfig::default();
         let (deliverer, _) = tinyfleet_alerts::Deliverer::spawn(&alerts).unwrap();
@@ -490,20 +528,30 @@ mod tests {
         let ota = Arc::new(
             tinyfleet_ota_service::Ota::open(store.clone(), dir, Default::default()).unwrap(),
         );
-        router(ApiState {
+        let rollouts = Arc::new(
+            tinyfleet_ota_service::service::Rollouts::open(
+                store.clone(),
+                ota.clone(),
+                Arc::new(NullSink),
+                0,
+            )
+            .unwrap(),
+        );
+        ApiState {
             store,
             monitor,
             ota,
+            rollouts,
             metrics: Arc::new(Metrics::default()),
             tokens: Arc::new(vec![
                 ApiToken::from_plain("ops", "op-token", Role::Operator),
                 ApiToken::from_plain("viewer", "read-token", Role::Read),
             ]),
             extra_metrics: Arc::new(String::new),
-        })
+        }
     }
 
-    async fn call(
+    pub(crate) async fn call(
         app: &Router,
         method: &str,
         uri: &str,
@@ -781,7 +829,7 @@ mod tests {
         assert_eq!(drift["evaluations"], serde_json::json!([]));
     }
 
-    async fn raw(
+    pub(crate) async fn raw(
         app: &Router,
         method: &str,
         uri: &str,

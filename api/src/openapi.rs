@@ -155,6 +155,100 @@ fn ota_paths() -> Value {
     })
 }
 
+/// Staged rollouts and continuous-delivery policies.
+fn rollout_paths() -> Value {
+    let not_found = json!({ "404": { "$ref": "#/components/responses/Error" } });
+    let change = json!({
+        "400": { "$ref": "#/components/responses/Error" },
+        "403": { "$ref": "#/components/responses/Error" },
+        "404": { "$ref": "#/components/responses/Error" },
+        "409": { "$ref": "#/components/responses/Error" }
+    });
+    let plan_fields = json!({
+        "filter": { "type": "object", "description": "{hw, tag: {key, value}}; hw defaults to the version's" },
+        "stages": { "type": "array", "description": "[{share, min_devices, soak_ms, deadline_ms}]; shares cumulative" },
+        "install": { "type": "object", "description": "install-health gate (min_done, confidence, max_failure_rate, max_revert_rate, max_timeout_rate, report_timeout_ms, min_stage_done_share)" },
+        "quality": { "type": "object", "description": "quality gate (required, confidence, minimum samples, max_accuracy_drop, max_estimated_drop, max_latency_ratio, max_reset_increase)" },
+        "offers_per_minute": { "type": "integer" },
+        "maintenance": { "type": "array", "description": "[{start_hour, end_hour}] UTC windows for offers" }
+    });
+    let mut create_props = json!({
+        "model_id": { "type": "string" },
+        "version": { "type": "string", "description": "the registered version to roll out; it replaces every version of the model with a lower seq" },
+        "id": { "type": "string", "description": "default {model}-{version}-{6 hex}" }
+    });
+    if let (Some(c), Some(p)) = (create_props.as_object_mut(), plan_fields.as_object()) {
+        c.extend(p.clone());
+    }
+    let reason_body = json!({ "required": false, "content": { "application/json": { "schema": {
+        "type": "object", "additionalProperties": false,
+        "properties": { "reason": { "type": "string" } } } } } });
+    let action = |summary: &str, with_reason: bool| {
+        let mut o = op(summary, json!([id_param()]), "200", change.clone());
+        if with_reason {
+            o["requestBody"] = reason_body.clone();
+        }
+        o
+    };
+    json!({
+        "/api/v1/rollouts": {
+            "get": op("every rollout's status, newest first", json!([]), "200", json!({})),
+            "post": {
+                "summary": "start a staged rollout (operator); plan fields left out take their defaults",
+                "security": [{ "bearer": [] }],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                    "type": "object", "required": ["model_id", "version"], "additionalProperties": false,
+                    "properties": create_props
+                } } } },
+                "responses": {
+                    "201": { "description": "the rollout's status" },
+                    "400": { "$ref": "#/components/responses/Error" },
+                    "401": { "$ref": "#/components/responses/Unauthorized" },
+                    "403": { "$ref": "#/components/responses/Error" },
+                    "404": { "$ref": "#/components/responses/Error" },
+                    "409": { "description": "another rollout of the model is active, or the id is taken" }
+                }
+            }
+        },
+        "/api/v1/rollouts/{id}": {
+            "get": op("a rollout's status: state, stages with per-stage device counts (targeted, offered, pending, downloading, installed, confirmed, failed, rejected, reverted, timed out), gate values and verdicts, pause and rollback",
+                      json!([id_param()]), "200", not_found.clone())
+        },
+        "/api/v1/rollouts/{id}/audit": {
+            "get": op("a rollout's audit log, oldest first, each record with its id", json!([
+                id_param(),
+                q("after", "records with an id above this one (0)", "integer"),
+                q("limit", "1-1000 (100)", "integer")
+            ]), "200", not_found)
+        },
+        "/api/v1/rollouts/{id}/pause": { "post": action("pause: no new offers (operator)", true) },
+        "/api/v1/rollouts/{id}/resume": { "post": action("resume a paused rollout; the stage's deadline starts over (operator)", false) },
+        "/api/v1/rollouts/{id}/advance": { "post": action("open the next stage (or complete) now, whatever the gates say (operator)", false) },
+        "/api/v1/rollouts/{id}/abort": { "post": action("abort: withdraw the offers and roll back every device that took the new version (operator)", true) },
+        "/api/v1/models/{id}/policy": {
+            "get": op("the model's continuous-delivery policy", json!([id_param()]), "200",
+                      json!({ "404": { "$ref": "#/components/responses/Error" } })),
+            "put": {
+                "summary": "set the model's continuous-delivery policy (operator): every version registered from now on starts a rollout with these plan fields when no rollout of the model is active",
+                "security": [{ "bearer": [] }],
+                "parameters": [id_param()],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                    "type": "object", "additionalProperties": false, "properties": plan_fields
+                } } } },
+                "responses": {
+                    "204": { "description": "stored" },
+                    "400": { "$ref": "#/components/responses/Error" },
+                    "401": { "$ref": "#/components/responses/Unauthorized" },
+                    "403": { "$ref": "#/components/responses/Error" }
+                }
+            },
+            "delete": op("remove the model's continuous-delivery policy (operator)", json!([id_param()]), "204",
+                         json!({ "403": { "$ref": "#/components/responses/Error" },
+                                 "404": { "$ref": "#/components/responses/Error" } }))
+        }
+    })
+}
+
 /// The document.
 pub fn document() -> Value {
     let not_found = json!({ "404": { "$ref": "#/components/responses/Error" } });
@@ -240,7 +334,7 @@ pub fn document() -> Value {
             }
         }
     });
-    for extra in [monitoring_paths(), ota_paths()] {
+    for extra in [monitoring_paths(), ota_paths(), rollout_paths()] {
         if let (Some(paths), Value::Object(more)) = (doc["paths"].as_object_mut(), extra) {
             paths.extend(more);
         }

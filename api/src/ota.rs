@@ -36,7 +36,9 @@ pub(crate) struct UploadParams {
     arena: u32,
 }
 
-/// Registers a model version; the body is the artifact (e.g. a .tflite file).
+/// Registers a model version; the body is the artifact (e.g. a .tflite file). With a
+/// continuous-delivery policy set for the model, a rollout of it starts (its id is in the
+/// answer's `rollout`).
 pub(crate) async fn upload(
     caller: Caller,
     State(s): State<ApiState>,
@@ -54,9 +56,24 @@ pub(crate) async fn upload(
         arena: p.arena,
         by: caller.name.clone(),
     };
-    let ota = s.ota.clone();
-    let registered = blocking(move || Ok(ota.register(&up, &body, now_ms())?)).await?;
-    Ok((StatusCode::CREATED, Json(registered)))
+    let (ota, rollouts) = (s.ota.clone(), s.rollouts.clone());
+    let out = blocking(move || {
+        let registered = ota.register(&up, &body, now_ms())?;
+        let mut out = serde_json::to_value(&registered)
+            .map_err(|e| ApiError::Internal(format!("cannot serialise the version: {e}")))?;
+        // Continuous delivery: a policy of the model may start a rollout of this version. The
+        // version is registered either way; a policy that cannot start is logged.
+        match rollouts.on_version_registered(&up.model_id, &up.model_version, now_ms()) {
+            Ok(Some(status)) => out["rollout"] = status.id.into(),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(model = %up.model_id, version = %up.model_version, error = %e, "rollout policy could not start a rollout")
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(out)))
 }
 
 pub(crate) async fn versions(

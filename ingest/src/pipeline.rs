@@ -21,9 +21,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tinyfleet_device::decoded::DecodedSummary;
-use tinyfleet_device::wire::Health;
+use tinyfleet_device::wire::{self, Health};
 use tinyfleet_device::{DeviceKey, Kind};
-use tinyfleet_store::{Batch, DeviceState, Registry, Store, WindowWrite};
+use tinyfleet_store::{Batch, DeviceOta, DeviceState, Registry, Store, WindowWrite};
 
 use crate::aggregate::{WindowAgg, window_start};
 use crate::decode::{Decoder, DeviceMessage, KeyStore, Reject};
@@ -45,7 +45,8 @@ pub struct PipelineConfig {
     pub offline_after_ms: i64,
     /// Largest accepted payload.
     pub max_payload: usize,
-    /// Keep [`Events`] for sinks (off when nothing consumes them).
+    /// Keep summary events for sinks (off when nothing consumes them). Presence, hello and
+    /// OTA progress events are always kept: they are few, and the OTA service needs them.
     pub collect_events: bool,
 }
 
@@ -91,11 +92,37 @@ pub struct PresenceEvent {
     pub at_ms: i64,
 }
 
+/// A verified, deduplicated OTA progress report, for the rollout engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressEvent {
+    pub device: String,
+    pub progress: wire::Progress,
+    pub received_ms: i64,
+}
+
+/// A verified, deduplicated request for one block of an OTA object. Handed over as soon as it
+/// is applied (see [`Pipeline::on_block_request`]), not with the batch: it changes no stored
+/// state, and a device waits for the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRequestEvent {
+    pub device: String,
+    pub object: [u8; 32],
+    pub offset: u32,
+    pub len: u16,
+    pub received_ms: i64,
+}
+
+/// Receives block requests; must not block (hand them to a task).
+pub type BlockRequestHook = Arc<dyn Fn(BlockRequestEvent) + Send + Sync>;
+
 /// Events for sinks, produced alongside the store batch.
 #[derive(Debug, Clone, Default)]
 pub struct Events {
     pub summaries: Vec<SummaryEvent>,
     pub presence: Vec<PresenceEvent>,
+    /// Devices whose hello (model, firmware, hardware) was newer than the one stored.
+    pub hellos: Vec<String>,
+    pub progress: Vec<ProgressEvent>,
 }
 
 /// The cohort a device without a hello yet belongs to.
@@ -240,6 +267,18 @@ pub struct Pipeline {
     /// Bumped by every batch: tag cohorts are read from the registry again after it.
     tags_epoch: u64,
     events: Events,
+    /// Newest progress report per device since the last batch.
+    ota: HashMap<String, DeviceOta>,
+    block_requests: Option<Hook>,
+}
+
+/// The block-request hook, opaque to `Debug`.
+struct Hook(BlockRequestHook);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlockRequestHook")
+    }
 }
 
 impl Pipeline {
@@ -259,7 +298,15 @@ impl Pipeline {
             dirty_devices: Vec::new(),
             tags_epoch: 0,
             events: Events::default(),
+            ota: HashMap::new(),
+            block_requests: None,
         }
+    }
+
+    /// Where verified block requests go (the OTA service). Without a hook they are counted and
+    /// dropped.
+    pub fn on_block_request(&mut self, hook: BlockRequestHook) {
+        self.block_requests = Some(Hook(hook));
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -307,6 +354,8 @@ impl Pipeline {
             dirty_devices,
             tags_epoch,
             events,
+            ota,
+            block_requests,
             ..
         } = self;
         // Slots index `devices`, which only grows.
@@ -345,18 +394,24 @@ impl Pipeline {
         state.updated_ms = received_ms;
         match msg {
             DeviceMessage::Hello(h) => {
-                let newer = (Some(h.boot), Some(h.seq))
-                    > (state.presence.hello_boot, state.presence.hello_seq);
-                if newer {
-                    state.presence.hello_boot = Some(h.boot);
-                    state.presence.hello_seq = Some(h.seq);
+                let at = (Some(h.boot), Some(h.seq));
+                let current = (state.presence.hello_boot, state.presence.hello_seq);
+                // Equal: the will of this very connection arrived first (dedup applies each
+                // hello once). The hello still says what the device runs, but the connection
+                // it opened has already ended.
+                if at >= current {
+                    if at > current {
+                        state.presence.hello_boot = Some(h.boot);
+                        state.presence.hello_seq = Some(h.seq);
+                        set_online(events, state, true, "hello", received_ms);
+                    }
                     state.fw = Some(h.fw);
                     state.model_id = Some(h.model_id);
                     state.model_version = Some(h.model_version);
                     state.model_seq = Some(h.model_seq);
                     state.hw = Some(h.hw);
                     state.caps = Some(h.caps);
-                    set_online(events, collect, state, true, "hello", received_ms);
+                    events.hellos.push(entry.id.clone());
                     entry.cohort = None;
                 }
             }
@@ -368,7 +423,7 @@ impl Pipeline {
                 if at_least_current {
                     state.presence.hello_boot = Some(w.boot);
                     state.presence.hello_seq = Some(w.seq);
-                    set_online(events, collect, state, false, "will", received_ms);
+                    set_online(events, state, false, "will", received_ms);
                 }
             }
             DeviceMessage::Summary(s) => {
@@ -388,7 +443,7 @@ impl Pipeline {
                 if !state.presence.online
                     && state.presence.offline_reason.as_deref() != Some("will")
                 {
-                    set_online(events, collect, state, true, "summary", received_ms);
+                    set_online(events, state, true, "summary", received_ms);
                 }
                 let event_ms = match s.unix_s {
                     Some(u)
@@ -462,8 +517,42 @@ impl Pipeline {
                     });
                 }
             }
-            // Handed to the OTA service when it lands; counted and deduplicated here.
-            DeviceMessage::Progress(_) | DeviceMessage::BlockRequest(_) => {}
+            DeviceMessage::Progress(p) => {
+                let newer = ota
+                    .get(&entry.id)
+                    .is_none_or(|o| (p.boot, p.seq) > (o.boot, o.seq));
+                if newer {
+                    ota.insert(
+                        entry.id.clone(),
+                        DeviceOta {
+                            id: entry.id.clone(),
+                            boot: p.boot,
+                            seq: p.seq,
+                            manifest_seq: p.manifest_seq,
+                            state: p.state,
+                            bytes: p.bytes,
+                            error: p.error,
+                            received_ms,
+                        },
+                    );
+                }
+                events.progress.push(ProgressEvent {
+                    device: entry.id.clone(),
+                    progress: p,
+                    received_ms,
+                });
+            }
+            DeviceMessage::BlockRequest(r) => {
+                if let Some(Hook(hook)) = block_requests {
+                    hook(BlockRequestEvent {
+                        device: entry.id.clone(),
+                        object: r.object,
+                        offset: r.offset,
+                        len: r.len,
+                        received_ms,
+                    });
+                }
+            }
         }
         Outcome::Accepted(kind)
     }
@@ -520,7 +609,6 @@ impl Pipeline {
             }
         }
         let mut changed = 0;
-        let collect = self.config.collect_events;
         for slot in slots {
             let Some(entry) = self.devices.get_mut(slot) else {
                 continue;
@@ -529,7 +617,7 @@ impl Pipeline {
                 .state
                 .get_or_insert_with(|| load_state(&self.store, &entry.id));
             if state.presence.online {
-                set_online(&mut self.events, collect, state, false, "timeout", now_ms);
+                set_online(&mut self.events, state, false, "timeout", now_ms);
                 state.updated_ms = now_ms;
                 entry.state_dirty = true;
                 if !entry.listed {
@@ -544,7 +632,7 @@ impl Pipeline {
 
     /// Whether anything awaits a commit.
     pub fn has_changes(&self) -> bool {
-        !(self.dirty_devices.is_empty() && self.cohorts.dirty.is_empty())
+        !(self.dirty_devices.is_empty() && self.cohorts.dirty.is_empty() && self.ota.is_empty())
     }
 
     /// The changes since the last batch, as one store transaction, and the sink events. Health
@@ -598,6 +686,7 @@ impl Pipeline {
                 }
             }
         }
+        batch.ota = self.ota.drain().map(|(_, o)| o).collect();
         batch.counters = self.metrics.snapshot();
         self.tags_epoch += 1;
         (batch, std::mem::take(&mut self.events))
@@ -639,7 +728,6 @@ fn load_state(store: &Store, device: &str) -> DeviceState {
 
 fn set_online(
     events: &mut Events,
-    collect: bool,
     state: &mut DeviceState,
     online: bool,
     reason: &'static str,
@@ -648,7 +736,7 @@ fn set_online(
     let changed = state.presence.online != online;
     state.presence.online = online;
     state.presence.offline_reason = (!online).then(|| reason.to_owned());
-    if changed && collect {
+    if changed {
         events.presence.push(PresenceEvent {
             device: state.id.clone(),
             online,

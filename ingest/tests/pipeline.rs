@@ -263,6 +263,9 @@ fn presence_follows_boot_and_seq_not_arrival() {
     let (t, m) = hello(&d, 1, 0);
     p.handle(&t, &m, T0);
     assert!(!online(&mut p));
+    // What the hello says the device runs is kept all the same.
+    let state = store.device_state("dev-p").unwrap().unwrap();
+    assert_eq!(state.model_version.as_deref(), Some("3"));
     // The next connection's hello: online. An old will replayed: nothing changes.
     let (t, m) = hello(&d, 1, 1);
     p.handle(&t, &m, T0);
@@ -409,4 +412,86 @@ fn verify_then_apply_is_handle() {
     );
     assert_eq!(p.metrics().accepted("summary"), 2);
     assert_eq!(p.metrics().rejected("malformed"), 1);
+}
+
+fn sealed<T: serde::Serialize>(d: &Device, kind: Kind, msg: &T) -> (String, Vec<u8>) {
+    let id = DeviceId::new(&d.id).unwrap();
+    let mut out = [0u8; 256];
+    let n = wire::seal(id, &d.key, kind, msg, &mut out).unwrap();
+    (Topic::new(id, kind).as_str().to_owned(), out[..n].to_vec())
+}
+
+#[test]
+fn ota_messages_reach_the_ota_service_once_and_progress_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let d = provision(&store, "ota-1", &[]);
+    let mut p = pipeline(&store);
+    let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    p.on_block_request(Arc::new(move |r| seen.lock().unwrap().push(r)));
+
+    let object = [7u8; 32];
+    let breq = |seq, offset| {
+        sealed(
+            &d,
+            Kind::BlockRequest,
+            &wire::BlockRequest {
+                boot: 1,
+                seq,
+                object: &object,
+                offset,
+                len: 1024,
+            },
+        )
+    };
+    let prog = |seq, state, bytes| {
+        sealed(
+            &d,
+            Kind::Progress,
+            &wire::Progress {
+                boot: 1,
+                seq,
+                manifest_seq: 4,
+                state,
+                bytes,
+                error: 0,
+            },
+        )
+    };
+    let msgs = [
+        breq(1, 0),
+        breq(2, 1024),
+        breq(2, 1024), // replayed: no second answer
+        prog(1, wire::ota_state::ACCEPTED, 0),
+        prog(3, wire::ota_state::DOWNLOADING, 2048),
+        prog(2, wire::ota_state::DOWNLOADING, 1024), // late: reported, not stored over seq 3
+        prog(3, wire::ota_state::DOWNLOADING, 2048), // replayed
+    ];
+    for (topic, payload) in &msgs {
+        p.handle(topic, payload, T0);
+    }
+    let offsets: Vec<u32> = requests.lock().unwrap().iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [0, 1024]);
+    assert!(
+        requests
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|r| r.object == object && r.device == "ota-1")
+    );
+
+    let (batch, events) = p.take_batch();
+    store.commit(&batch).unwrap();
+    let seqs: Vec<u32> = events.progress.iter().map(|e| e.progress.seq).collect();
+    assert_eq!(
+        seqs,
+        [1, 3, 2],
+        "every accepted report, in arrival order, once"
+    );
+    let stored = store.device_ota("ota-1").unwrap().unwrap();
+    assert_eq!(
+        (stored.seq, stored.bytes, stored.manifest_seq),
+        (3, 2048, 4)
+    );
 }

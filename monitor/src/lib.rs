@@ -111,7 +111,15 @@ struct Shared {
     influx: Option<InfluxSink>,
     publish: Option<Publish>,
     stats: Stats,
+    window_observer: std::sync::OnceLock<WindowObserver>,
 }
+
+/// Told every evaluated window, once, in order: its start, every device window with the
+/// device's model, and the monitoring profiles by `(model id, version)`. The rollout engine's
+/// canary-vs-control comparison reads its quality observations from here. Runs on the
+/// monitor's thread: must not block for long.
+pub type WindowObserver =
+    Arc<dyn Fn(i64, &[DeviceWindow], &HashMap<(String, String), MonitoringProfile>) + Send + Sync>;
 
 /// The monitoring service; cheap to clone (the API holds one to list alerts and silences).
 #[derive(Clone)]
@@ -192,12 +200,18 @@ impl Monitor {
                 influx,
                 publish,
                 stats: Stats::default(),
+                window_observer: std::sync::OnceLock::new(),
             }),
         })
     }
 
     pub fn config(&self) -> &MonitorConfig {
         &self.shared.config
+    }
+
+    /// Sets the [`WindowObserver`] (once; later calls are ignored).
+    pub fn observe_windows(&self, observer: WindowObserver) {
+        let _ = self.shared.window_observer.set(observer);
     }
 
     fn grace_ms(&self) -> i64 {
@@ -320,6 +334,9 @@ impl Monitor {
                 agg: a,
             }))
             .collect();
+        if let Some(observe) = s.window_observer.get() {
+            observe(start, &windows, profiles);
+        }
         let health = conditions::health(&health_inputs, &s.config.health);
         let reported: HashSet<&str> = health_inputs.iter().map(|h| h.device).collect();
 

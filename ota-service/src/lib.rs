@@ -5,6 +5,8 @@
 //! - [`artifacts`]: content-addressed artifact files (images and patches).
 //! - [`keys`]: the Ed25519 manifest signing key.
 //! - [`blocks`]: answers to MQTT block requests.
+//! - [`service`]: the staged-rollout service around the [`rollout`] engine (persistence,
+//!   offers, rollback versions, continuous-delivery policies).
 //! - [`Ota`]: registering versions (anti-rollback `seq`), building and caching patches, and
 //!   signing offers (COSE_Sign1 manifests, `docs/protocol.md`).
 //!
@@ -17,6 +19,7 @@ pub mod blocks;
 pub mod delta;
 pub mod keys;
 pub mod rollout;
+pub mod service;
 
 use std::path::Path;
 
@@ -62,6 +65,8 @@ pub struct OtaConfig {
     pub block_size: u16,
     /// Largest accepted artifact.
     pub max_artifact_bytes: u64,
+    /// How often the rollouts re-evaluate their gates, soak times and offer pacing (ms).
+    pub rollout_tick_ms: u64,
 }
 
 impl Default for OtaConfig {
@@ -70,6 +75,7 @@ impl Default for OtaConfig {
             public_url: String::new(),
             block_size: delta::DEFAULT_BLOCK_SIZE,
             max_artifact_bytes: 16 * 1024 * 1024,
+            rollout_tick_ms: 2000,
         }
     }
 }
@@ -93,6 +99,12 @@ impl OtaConfig {
         }
         if self.max_artifact_bytes == 0 || self.max_artifact_bytes > u64::from(u32::MAX) {
             return Err("ota.max_artifact_bytes must be 1..=4294967295".into());
+        }
+        if !(100..=60_000).contains(&self.rollout_tick_ms) {
+            return Err(format!(
+                "ota.rollout_tick_ms {} must be 100..=60000",
+                self.rollout_tick_ms
+            ));
         }
         Ok(())
     }

@@ -17,15 +17,17 @@
 mod models;
 mod monitoring;
 mod registry;
+mod rollouts;
 mod schema;
 mod state;
 
 pub use models::{ModelVersion, PatchRecord};
 pub use monitoring::{DriftInput, OfflineDevice, ProfileInfo, parse_cohort_key};
 pub use registry::{Credentials, DeviceRecord, Registry};
+pub use rollouts::RolloutRow;
 pub use state::{
-    Batch, CohortWindow, DeviceListItem, DevicePage, DeviceQuery, DeviceState, DeviceWindow,
-    Presence, ReplayWindow, Store, WindowWrite, cohort_key,
+    Batch, CohortWindow, DeviceListItem, DeviceOta, DevicePage, DeviceQuery, DeviceState,
+    DeviceWindow, Presence, ReplayWindow, Store, WindowWrite, cohort_key,
 };
 
 /// Why a store operation failed. Messages name what to do.

@@ -114,6 +114,35 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (base_sha256, target_sha256, block_size)
     );
     "#,
+    // 4: rollouts (the engine's state as JSON, one row per rollout, and its audit log) and
+    // each device's newest OTA progress report.
+    r#"
+    CREATE TABLE rollouts (
+        id         TEXT PRIMARY KEY,
+        model_id   TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        body       TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE rollout_audit (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        rollout TEXT NOT NULL,
+        at_ms   INTEGER NOT NULL,
+        body    TEXT NOT NULL
+    );
+    CREATE INDEX rollout_audit_rollout ON rollout_audit(rollout, id);
+    CREATE TABLE device_ota (
+        id           TEXT PRIMARY KEY,
+        boot         INTEGER NOT NULL,
+        seq          INTEGER NOT NULL,
+        manifest_seq INTEGER NOT NULL,
+        state        INTEGER NOT NULL,
+        bytes        INTEGER NOT NULL,
+        error        INTEGER NOT NULL,
+        received_ms  INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Brings the database to the newest schema.

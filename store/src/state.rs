@@ -33,6 +33,21 @@ pub struct Presence {
     pub hello_seq: Option<u32>,
 }
 
+/// A device's newest OTA progress report (`tf/v1/{device}/ota/prog`), by `(boot, seq)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceOta {
+    pub id: String,
+    pub boot: u32,
+    pub seq: u32,
+    /// The manifest reported on (its `seq`).
+    pub manifest_seq: u32,
+    /// A `progress.state` code (docs/protocol.md).
+    pub state: u8,
+    pub bytes: u32,
+    pub error: u16,
+    pub received_ms: i64,
+}
+
 /// Everything the backend keeps about one device besides its aggregates.
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct DeviceState {
@@ -95,6 +110,8 @@ pub struct Batch {
     pub cohort_windows: Vec<WindowWrite>,
     /// Absolute counter values.
     pub counters: Vec<(String, i64)>,
+    /// Newest OTA progress per device; an older `(boot, seq)` than the stored one is ignored.
+    pub ota: Vec<DeviceOta>,
 }
 
 impl Batch {
@@ -104,6 +121,7 @@ impl Batch {
             && self.device_windows.is_empty()
             && self.cohort_windows.is_empty()
             && self.counters.is_empty()
+            && self.ota.is_empty()
     }
 }
 
@@ -270,9 +288,50 @@ impl Store {
             for (name, value) in &batch.counters {
                 st.execute(params![name, value])?;
             }
+            let mut st = tx.prepare_cached(
+                "INSERT INTO device_ota (id, boot, seq, manifest_seq, state, bytes, error, \
+                 received_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO UPDATE \
+                 SET boot = ?2, seq = ?3, manifest_seq = ?4, state = ?5, bytes = ?6, error = ?7, \
+                 received_ms = ?8 WHERE (?2, ?3) > (device_ota.boot, device_ota.seq)",
+            )?;
+            for o in &batch.ota {
+                st.execute(params![
+                    o.id,
+                    o.boot,
+                    o.seq,
+                    o.manifest_seq,
+                    o.state,
+                    o.bytes,
+                    o.error,
+                    o.received_ms
+                ])?;
+            }
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// A device's newest OTA progress report.
+    pub fn device_ota(&self, id: &str) -> Result<Option<DeviceOta>> {
+        Ok(lock(&self.conn)
+            .query_row(
+                "SELECT id, boot, seq, manifest_seq, state, bytes, error, received_ms \
+                 FROM device_ota WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(DeviceOta {
+                        id: r.get(0)?,
+                        boot: r.get(1)?,
+                        seq: r.get(2)?,
+                        manifest_seq: r.get(3)?,
+                        state: r.get(4)?,
+                        bytes: r.get(5)?,
+                        error: r.get(6)?,
+                        received_ms: r.get(7)?,
+                    })
+                },
+            )
+            .optional()?)
     }
 
     pub fn replay_window(&self, id: &str, kind: u8) -> Result<Option<ReplayWindow>> {
@@ -568,6 +627,32 @@ mod tests {
     use std::collections::BTreeMap;
 
     #[test]
+    fn ota_progress_keeps_the_newest_report_by_boot_and_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let report = |boot, seq, state| DeviceOta {
+            id: "d1".into(),
+            boot,
+            seq,
+            manifest_seq: 7,
+            state,
+            bytes: seq * 100,
+            error: 0,
+            received_ms: 1,
+        };
+        for (boot, seq, state) in [(1, 5, 2), (1, 3, 1), (2, 1, 5), (1, 9, 6)] {
+            let batch = Batch {
+                ota: vec![report(boot, seq, state)],
+                ..Batch::default()
+            };
+            store.commit(&batch).unwrap();
+        }
+        // (2, 1) is the newest; the late (1, 3) and (1, 9) change nothing.
+        assert_eq!(store.device_ota("d1").unwrap(), Some(report(2, 1, 5)));
+        assert_eq!(store.device_ota("d2").unwrap(), None);
+    }
+
+    #[test]
     fn batches_commit_and_read_back_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -614,6 +699,7 @@ mod tests {
                     json: r#"{"inferences": 5}"#.into(),
                 }],
                 counters: vec![("accepted".into(), 4)],
+                ota: vec![],
             };
             store.commit(&batch).unwrap();
         }

@@ -113,6 +113,27 @@ impl Server {
         Self::spawn(data_dir, data_dir.with_extension("toml"))
     }
 
+    /// Starts again on the same data directory, configuration and ports (so devices
+    /// reconnect to the same broker address).
+    pub fn restart_on_same_ports(data_dir: &Path, mqtt: SocketAddr, api: &str) -> Server {
+        let config_path = data_dir.with_extension("toml");
+        let config = std::fs::read_to_string(&config_path).expect("read config");
+        let api_port = api.rsplit(':').next().expect("api port").to_owned();
+        let config = config
+            .replacen(
+                "[broker]\nlisten = \"127.0.0.1:0\"",
+                &format!("[broker]\nlisten = \"{mqtt}\""),
+                1,
+            )
+            .replacen(
+                "[api]\nlisten = \"127.0.0.1:0\"",
+                &format!("[api]\nlisten = \"127.0.0.1:{api_port}\""),
+                1,
+            );
+        std::fs::write(&config_path, config).expect("write config");
+        Self::spawn(data_dir, config_path)
+    }
+
     pub fn get(&self, path: &str) -> serde_json::Value {
         self.get_as(path, TOKEN).1
     }
@@ -397,5 +418,109 @@ impl Drop for Victoria {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The service's signing key as a device trusts it: `(kid, public key)`.
+pub fn trusted_key(server: &Server) -> (Vec<u8>, [u8; 32]) {
+    let keys = server.get("/api/v1/ota/keys");
+    let public: [u8; 32] = hex::decode(keys[0]["public_key"].as_str().expect("public_key"))
+        .expect("hex")
+        .try_into()
+        .expect("32 bytes");
+    let kid = hex::decode(keys[0]["kid"].as_str().expect("kid")).expect("hex");
+    (kid, public)
+}
+
+/// Simulated devices (`tinyfleet-sim`: the real installer on a simulated flash) on their own
+/// runtime, with the events they report.
+pub struct SimFleet {
+    pub rt: tokio::runtime::Runtime,
+    events: tokio::sync::mpsc::UnboundedReceiver<tinyfleet_sim::SimEvent>,
+    tx: tokio::sync::mpsc::UnboundedSender<tinyfleet_sim::SimEvent>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SimFleet {
+    pub fn new() -> SimFleet {
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        SimFleet {
+            rt: tokio::runtime::Runtime::new().expect("runtime"),
+            events,
+            tx,
+            stop: tokio::sync::watch::channel(false).0,
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Provisions `id` through the API and starts it on the server's broker, running
+    /// `factory` (model `kws`, hardware `hw`).
+    pub fn add(
+        &mut self,
+        server: &Server,
+        id: &str,
+        hw: &str,
+        factory: tinyfleet_sim::Factory,
+        behaviour: tinyfleet_sim::Behaviour,
+    ) {
+        let device = server.provision(id);
+        let spec = tinyfleet_sim::DeviceSpec {
+            id: device.id.clone(),
+            password: device.password.clone(),
+            mac_key: device.key.clone(),
+            hw: hw.into(),
+            fw: 10,
+            arena: 64 * 1024,
+            model_id: "kws".into(),
+            factory,
+            slot_size: 32 * 1024,
+            trusted: vec![trusted_key(server)],
+            broker_host: server.mqtt.ip().to_string(),
+            broker_port: server.mqtt.port(),
+            seed: self.tasks.len() as u64 + 1,
+            behaviour,
+        };
+        let stop = self.stop.subscribe();
+        let tx = self.tx.clone();
+        self.tasks
+            .push(self.rt.spawn(tinyfleet_sim::run(spec, Some(tx), stop)));
+    }
+
+    /// The next event that `pred` accepts, within `timeout`; panics on a device error.
+    pub fn wait_event(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&tinyfleet_sim::SimEvent) -> bool,
+    ) -> tinyfleet_sim::SimEvent {
+        let events = &mut self.events;
+        self.rt
+            .block_on(async {
+                tokio::time::timeout(timeout, async {
+                    loop {
+                        let e = events.recv().await.expect("fleet running");
+                        if let tinyfleet_sim::SimEventKind::Error(err) = &e.kind {
+                            panic!("device {} failed: {err}", e.device);
+                        }
+                        if pred(&e) {
+                            return e;
+                        }
+                    }
+                })
+                .await
+            })
+            .unwrap_or_else(|_| panic!("no {what} within {timeout:?}"))
+    }
+
+    /// Stops every device (a clean disconnect each).
+    pub fn stop(self) {
+        let _ = self.stop.send(true);
+        let tasks = self.tasks;
+        self.rt.block_on(async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
     }
 }

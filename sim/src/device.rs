@@ -1,0 +1,546 @@
+//! One simulated device: monitor, MQTT session and OTA installer, across reboots.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use sha2::{Digest as _, Sha256};
+use tinyfleet_device::ota::boot::{self, ImageInfo};
+use tinyfleet_device::ota::flash::{Layout, Region};
+use tinyfleet_device::ota::installer::{Config, GoldenDigest, Installer, Next, Report, SelfTest};
+use tinyfleet_device::ota::manifest::{MAX_OFFER, TrustedKey, verify_offer};
+use tinyfleet_device::ota::patch::Patcher;
+use tinyfleet_device::ota::sim::SimFlash;
+use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
+use tinyfleet_device::wire::{self, DeviceId, Kind, Topic};
+use tinyfleet_device::{DeviceKey, ReferenceMonitor};
+use tokio::sync::{mpsc, watch};
+
+/// Flash sector of the simulated part (nRF52-like: 4 KB sectors, 4-byte writes).
+const SECTOR: u32 = 4096;
+/// Largest patch block the simulated devices apply (the service's default block size).
+const PATCH_BLOCK: usize = 1024;
+/// A block request without an answer is sent again after this long.
+const BLOCK_RETRY: Duration = Duration::from_secs(3);
+
+type Flash = SimFlash<4, 4096>;
+
+/// The image a device leaves the factory with.
+#[derive(Debug, Clone)]
+pub struct Factory {
+    pub model_version: String,
+    pub model_seq: u32,
+    pub image: Arc<Vec<u8>>,
+}
+
+/// What the scenario's stream function is told.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamContext<'a> {
+    pub device: &'a str,
+    pub hw: &'a str,
+    pub model_version: &'a str,
+    /// Summaries this device has sent so far (all boots).
+    pub window: u64,
+}
+
+/// The stream parameters of a window.
+pub type StreamFn = Arc<dyn Fn(&StreamContext<'_>) -> StreamParams + Send + Sync>;
+/// Whether the self-test passes: `(hardware, model version) -> pass`.
+pub type SelfTestFn = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// How a device behaves: its data and its models' quality.
+#[derive(Clone)]
+pub struct Behaviour {
+    pub summary_interval: Duration,
+    pub inferences: usize,
+    /// Labelled inferences per window (ground truth arriving on the device).
+    pub labelled: usize,
+    pub stream: StreamFn,
+    /// Whether the self-test of a model version passes on this device (a failing one is
+    /// reverted).
+    pub self_test: SelfTestFn,
+}
+
+impl std::fmt::Debug for Behaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Behaviour")
+            .field("summary_interval", &self.summary_interval)
+            .field("inferences", &self.inferences)
+            .field("labelled", &self.labelled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            summary_interval: Duration::from_secs(10),
+            inferences: 100,
+            labelled: 0,
+            stream: Arc::new(|_| StreamParams::default()),
+            self_test: Arc::new(|_, _| true),
+        }
+    }
+}
+
+/// One device: identity, credentials, hardware and what it trusts.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    pub id: String,
+    pub password: String,
+    pub mac_key: DeviceKey,
+    pub hw: String,
+    /// Firmware build number (offers may require a minimum).
+    pub fw: u32,
+    pub arena: u32,
+    pub model_id: String,
+    pub factory: Factory,
+    /// Size of each of the two flash slots; rounded up to whole sectors.
+    pub slot_size: u32,
+    /// Keys that may sign offers: `(kid, Ed25519 public key)`.
+    pub trusted: Vec<(Vec<u8>, [u8; 32])>,
+    pub broker_host: String,
+    pub broker_port: u16,
+    pub seed: u64,
+    pub behaviour: Behaviour,
+}
+
+/// Something a simulated device did, for tests and the demo's narrative.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimEvent {
+    pub device: String,
+    pub kind: SimEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimEventKind {
+    /// Connected and said hello, running this model version.
+    Online { boot: u32, model_version: String },
+    /// A summary was acknowledged by the broker.
+    Summary { seq: u32 },
+    /// An offer arrived (`None`: it did not verify).
+    Offer {
+        seq: u32,
+        model_version: Option<String>,
+    },
+    /// A progress report was sent.
+    Progress(Report),
+    /// Something failed (connection refused, flash error).
+    Error(String),
+}
+
+/// A device's counters for its sequence-number spaces in one boot.
+#[derive(Default)]
+struct Seqs {
+    hello: u32,
+    progress: u32,
+    breq: u32,
+}
+
+fn layout(slot_size: u32) -> Layout {
+    let slot = slot_size.div_ceil(SECTOR).max(1) * SECTOR;
+    Layout {
+        slots: [Region::new(0, slot), Region::new(slot, slot)],
+        boot: Region::new(2 * slot, 2 * SECTOR),
+        progress: Region::new(2 * slot + 2 * SECTOR, 2 * SECTOR),
+    }
+}
+
+struct PassFail(bool);
+
+impl SelfTest for PassFail {
+    fn check(&mut self) -> bool {
+        self.0
+    }
+    fn run(&mut self, _index: u16, _seen: &mut GoldenDigest) -> bool {
+        self.0
+    }
+}
+
+/// The device's MQTT side for one boot.
+struct Link {
+    client: AsyncClient,
+    events: EventLoop,
+    id: String,
+    key: DeviceKey,
+    boot: u32,
+}
+
+impl Link {
+    fn device(&self) -> Result<DeviceId<'_>, String> {
+        DeviceId::new(&self.id).map_err(|e| format!("device id {:?}: {e:?}", self.id))
+    }
+
+    fn seal<T: serde::Serialize>(&self, kind: Kind, msg: &T) -> Result<(String, Vec<u8>), String> {
+        seal(&self.id, &self.key, kind, msg)
+    }
+
+    fn send(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+        self.publish(topic, payload, false)
+    }
+
+    fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<(), String> {
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+            .map_err(|e| format!("publish: {e}"))
+    }
+}
+
+/// A device->cloud message of `kind`, authenticated with the device's key: `(topic, payload)`.
+fn seal<T: serde::Serialize>(
+    id: &str,
+    key: &DeviceKey,
+    kind: Kind,
+    msg: &T,
+) -> Result<(String, Vec<u8>), String> {
+    let device = DeviceId::new(id).map_err(|e| format!("device id {id:?}: {e:?}"))?;
+    let mut out = [0u8; 512];
+    let n = wire::seal(device, key, kind, msg, &mut out)
+        .map_err(|e| format!("cannot seal a {kind:?}: {e:?}"))?;
+    Ok((
+        Topic::new(device, kind).as_str().to_owned(),
+        out[..n].to_vec(),
+    ))
+}
+
+/// Runs one device until `stop` turns true. Errors (a refused connection, a broken flash)
+/// are reported as [`SimEventKind::Error`] and end the device.
+pub async fn run(
+    spec: DeviceSpec,
+    events: Option<mpsc::UnboundedSender<SimEvent>>,
+    stop: watch::Receiver<bool>,
+) {
+    let emit = |kind: SimEventKind| {
+        if let Some(tx) = &events {
+            let _ = tx.send(SimEvent {
+                device: spec.id.clone(),
+                kind,
+            });
+        }
+    };
+    if let Err(e) = life(&spec, &emit, stop).await {
+        tracing::warn!(device = %spec.id, error = %e, "simulated device stopped");
+        emit(SimEventKind::Error(e));
+    }
+}
+
+async fn life(
+    spec: &DeviceSpec,
+    emit: &(dyn Fn(SimEventKind) + Sync),
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let layout = layout(spec.slot_size);
+    let image = &spec.factory.image;
+    if image.len() as u32 > layout.slots[0].len {
+        return Err(format!(
+            "factory image of {} bytes does not fit a {}-byte slot",
+            image.len(),
+            layout.slots[0].len
+        ));
+    }
+    let mut flash = Flash::new((layout.progress.start + layout.progress.len) as usize);
+    flash.load(0, image);
+    let info = ImageInfo {
+        seq: spec.factory.model_seq,
+        size: image.len() as u32,
+        sha256: Sha256::digest(image.as_slice()).into(),
+    };
+    boot::provision(&mut flash, &layout, 0, info).map_err(|e| format!("provision: {e:?}"))?;
+    let keys: Vec<TrustedKey<'_>> = spec
+        .trusted
+        .iter()
+        .map(|(kid, public)| TrustedKey {
+            kid,
+            public: *public,
+        })
+        .collect();
+    let config = Config {
+        hw: &spec.hw,
+        fw: spec.fw,
+        arena: spec.arena,
+        keys: &keys,
+    };
+    // Version names by seq, learned from verified offers (the device's own record of what it
+    // installed).
+    let mut versions: HashMap<u32, String> =
+        HashMap::from([(spec.factory.model_seq, spec.factory.model_version.clone())]);
+    let profile = ReferenceProfile::default();
+    let mut rng = Rng::new(spec.seed);
+    let mut windows_sent = 0u64;
+    let mut patcher = Patcher::<PATCH_BLOCK>::new();
+    let mut boot_no = 0u32;
+    loop {
+        boot_no += 1;
+        let booted = boot::boot(&mut flash, &layout).map_err(|e| format!("boot: {e:?}"))?;
+        let started = Instant::now();
+        let mut inst = Installer::<_, PATCH_BLOCK>::open(&mut flash, layout, config, &mut patcher)
+            .map_err(|e| format!("installer: {e:?}"))?;
+        let running = inst.boot_state().images[usize::from(booted.slot)].seq;
+        let version = versions
+            .get(&running)
+            .cloned()
+            .unwrap_or_else(|| format!("seq-{running}"));
+
+        let mut seqs = Seqs::default();
+        let mut link = open_link(spec, boot_no, &mut seqs, &version, running).await?;
+        emit(SimEventKind::Online {
+            boot: boot_no,
+            model_version: version.clone(),
+        });
+        let offer_topic = format!("tf/v1/{}/ota/offer", spec.id);
+        let blk_topic = format!("tf/v1/{}/ota/blk", spec.id);
+        let report = |link: &Link, seqs: &mut Seqs, r: Report| -> Result<(), String> {
+            let (t, p) = link.seal(Kind::Progress, &r.progress(link.boot, seqs.progress))?;
+            seqs.progress += 1;
+            emit(SimEventKind::Progress(r));
+            link.send(t, p)
+        };
+        if let Some(r) = inst.take_report() {
+            report(&link, &mut seqs, r)?;
+        }
+        if inst.next() == Next::SelfTest {
+            let passes = (spec.behaviour.self_test)(&spec.hw, &version);
+            let r = inst
+                .self_test(&mut PassFail(passes))
+                .map_err(|e| format!("self-test: {e:?}"))?;
+            if let Some(r) = r {
+                report(&link, &mut seqs, r)?;
+            }
+        }
+
+        let mut monitor =
+            ReferenceMonitor::new(profile.config(running), boot_no, wire::reset::SOFTWARE, 0);
+        let mut summary_tick = tokio::time::interval(spec.behaviour.summary_interval);
+        summary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        summary_tick.tick().await;
+        // The block request in flight: (object offset, sent at).
+        let mut in_flight: Option<(u32, Instant)> = None;
+        let mut retry = tokio::time::interval(Duration::from_millis(500));
+        let mut scratch = [0u8; MAX_OFFER];
+        'boot: loop {
+            // Do what the installer asks before waiting for anything.
+            match inst.next() {
+                Next::Fetch {
+                    object,
+                    offset,
+                    block_size,
+                    ..
+                } => {
+                    let due =
+                        in_flight.is_none_or(|(o, at)| o != offset || at.elapsed() >= BLOCK_RETRY);
+                    if due {
+                        let req = wire::BlockRequest {
+                            boot: link.boot,
+                            seq: seqs.breq,
+                            object: &object,
+                            offset,
+                            len: block_size,
+                        };
+                        seqs.breq += 1;
+                        let (t, p) = link.seal(Kind::BlockRequest, &req)?;
+                        link.send(t, p)?;
+                        in_flight = Some((offset, Instant::now()));
+                    }
+                }
+                Next::Switch => {
+                    let r = inst.switch().map_err(|e| format!("switch: {e:?}"))?;
+                    if let Some(r) = r {
+                        report(&link, &mut seqs, r)?;
+                    }
+                    continue;
+                }
+                Next::Reboot => break 'boot,
+                Next::Idle | Next::SelfTest => {}
+            }
+            tokio::select! {
+                ev = link.events.poll() => match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == offer_topic => {
+                        if p.payload.is_empty() {
+                            continue; // withdrawn
+                        }
+                        let seen = verify_offer(&p.payload, &keys, &mut scratch).ok();
+                        let seq = seen.as_ref().map_or(0, |m| m.seq);
+                        if let Some(m) = &seen {
+                            versions.insert(m.seq, m.model_version.to_owned());
+                        }
+                        emit(SimEventKind::Offer {
+                            seq,
+                            model_version: seen.map(|m| m.model_version.to_owned()),
+                        });
+                        let r = inst
+                            .offer(&p.payload, &mut scratch)
+                            .map_err(|e| format!("offer: {e:?}"))?;
+                        in_flight = None;
+                        report(&link, &mut seqs, r)?;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == blk_topic => {
+                        let Ok(block) = wire::from_cbor::<wire::Block<'_>>(&p.payload) else {
+                            continue;
+                        };
+                        if let Next::Fetch { object, offset, .. } = inst.next()
+                            && block.object == object
+                            && block.offset == offset
+                        {
+                            in_flight = None;
+                            let r = inst
+                                .write(block.offset, block.data)
+                                .map_err(|e| format!("write: {e:?}"))?;
+                            if let Some(r) = r {
+                                report(&link, &mut seqs, r)?;
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) | Ok(_) => {}
+                    Err(e) => {
+                        // Same boot, new connection (a new hello and will).
+                        tracing::debug!(device = %spec.id, error = %e, "connection lost; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        link = open_link(spec, boot_no, &mut seqs, &version, running).await?;
+                        in_flight = None;
+                    }
+                },
+                _ = summary_tick.tick() => {
+                    let ctx = StreamContext {
+                        device: &spec.id,
+                        hw: &spec.hw,
+                        model_version: &version,
+                        window: windows_sent,
+                    };
+                    let params = (spec.behaviour.stream)(&ctx);
+                    for i in 0..spec.behaviour.inferences {
+                        let s = sample(&mut rng, &params);
+                        monitor
+                            .record(&s.inference())
+                            .map_err(|e| format!("record: {e:?}"))?;
+                        if i < spec.behaviour.labelled {
+                            monitor
+                                .record_label(s.predicted, s.actual)
+                                .map_err(|e| format!("label: {e:?}"))?;
+                        }
+                    }
+                    monitor.set_battery_mv(3300 + (rng.next_u64() % 500) as u16);
+                    monitor.set_rssi_dbm(-60 - (rng.next_u64() % 30) as i8);
+                    let seq = monitor.next_seq();
+                    let mut out = [0u8; 1024];
+                    let uptime = started.elapsed().as_millis() as u64;
+                    let device = link.device()?;
+                    let n = monitor
+                        .finish_window(uptime, None, device, &link.key, &mut out)
+                        .map_err(|e| format!("summary: {e:?}"))?;
+                    let topic = Topic::new(device, Kind::Summary).as_str().to_owned();
+                    link.send(topic, out[..n].to_vec())?;
+                    windows_sent += 1;
+                    emit(SimEventKind::Summary { seq });
+                }
+                _ = retry.tick() => {}
+                _ = stop.changed() => {
+                    close(&mut link).await;
+                    return Ok(());
+                }
+            }
+        }
+        drop(inst);
+        // A clean restart: the session ends without a will.
+        close(&mut link).await;
+        if *stop.borrow() {
+            return Ok(());
+        }
+    }
+}
+
+/// Disconnects cleanly (no will): sends DISCONNECT and drives the connection until it is out.
+async fn close(link: &mut Link) {
+    if link.client.try_disconnect().is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match link.events.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Connects (the will carrying the hello's `(boot, seq)`), says hello and subscribes to the
+/// device's offer and block topics.
+async fn open_link(
+    spec: &DeviceSpec,
+    boot: u32,
+    seqs: &mut Seqs,
+    version: &str,
+    model_seq: u32,
+) -> Result<Link, String> {
+    let seq = seqs.hello;
+    seqs.hello += 1;
+    let link = connect(spec, boot, seq).await?;
+    let hello = wire::Hello {
+        boot,
+        seq,
+        fw: &spec.fw.to_string(),
+        model_id: &spec.model_id,
+        model_version: version,
+        model_seq,
+        hw: &spec.hw,
+        caps: 0,
+        reset: wire::reset::SOFTWARE,
+        unix_s: None,
+    };
+    // Retained, like the will (docs/protocol.md, "Presence").
+    let (t, p) = link.seal(Kind::Hello, &hello)?;
+    link.publish(t, p, true)?;
+    for kind in ["offer", "blk"] {
+        link.client
+            .try_subscribe(format!("tf/v1/{}/ota/{kind}", spec.id), QoS::AtLeastOnce)
+            .map_err(|e| format!("subscribe: {e}"))?;
+    }
+    Ok(link)
+}
+
+/// Connects for connection `(boot, seq)` and waits for the broker's CONNACK (retrying with
+/// backoff while the broker is unreachable; a refusal is an error).
+async fn connect(spec: &DeviceSpec, boot: u32, seq: u32) -> Result<Link, String> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let (topic, will) = seal(
+            &spec.id,
+            &spec.mac_key,
+            Kind::Will,
+            &wire::Will { boot, seq },
+        )?;
+        let mut opts = MqttOptions::new(&spec.id, &spec.broker_host, spec.broker_port);
+        opts.set_credentials(&spec.id, &spec.password);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(true);
+        opts.set_max_packet_size(16 * 1024, 16 * 1024);
+        opts.set_last_will(LastWill::new(topic, will, QoS::AtLeastOnce, true));
+        let (client, events) = AsyncClient::new(opts, 64);
+        let mut link = Link {
+            client,
+            events,
+            id: spec.id.clone(),
+            key: spec.mac_key.clone(),
+            boot,
+        };
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), link.events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    if ack.code == rumqttc::ConnectReturnCode::Success {
+                        return Ok(link);
+                    }
+                    return Err(format!("connection refused: {:?}", ack.code));
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => {
+                    return Err(format!("connection refused: {code:?}"));
+                }
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
