@@ -3,20 +3,17 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod config;
+mod demo;
 mod devices;
 mod ota_bridge;
 mod rollouts;
 mod serve;
-use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
-use tinyfleet_device::wire::{self, DeviceId, Kind, Topic};
-use tinyfleet_device::{DeviceKey, ReferenceMonitor};
-use tinyfleet_ingest::decode::{Decoder, DeviceMessage, Reject};
+mod simulate;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +37,14 @@ enum Command {
         #[arg(long)]
         data_dir: Option<std::path::PathBuf>,
     },
+    /// The configuration file: print the documented defaults, or check a file.
+    Config {
+        #[command(subcommand)]
+        command: config::ConfigCommand,
+    },
+    /// Simulated devices (the real device client and installer) against any MQTT broker:
+    /// scenarios with known ground truth, or load.
+    Simulate(simulate::SimulateArgs),
     /// Provision, list, show and revoke devices through the API.
     Device {
         #[command(flatten)]
@@ -77,17 +82,28 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
-    /// Run a simulated fleet through the device client and the backend's verify/decode stage.
+    /// The whole product on this machine: `serve` plus a simulated fleet that drifts in one
+    /// cohort; an alert fires, a retraining trigger arrives, the retrained model is pushed and
+    /// rolled out in stages. Prints what happens.
     Demo {
-        /// Number of simulated devices.
+        /// Simulated devices (three hardware cohorts).
         #[arg(long, default_value_t = 1000)]
-        devices: u32,
-        /// Inferences per device per window.
-        #[arg(long, default_value_t = 100)]
-        inferences: usize,
-        /// Windows (summaries) per device.
-        #[arg(long, default_value_t = 3)]
-        windows: u32,
+        devices: usize,
+        /// Address of the API.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        api: std::net::SocketAddr,
+        /// Data directory (default: a new one under the system's temporary directory).
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+        /// Summaries each device sends before the drift starts (5 s each).
+        #[arg(long, default_value_t = 6)]
+        drift_after: u64,
+        /// Exit (0) once the retrained model reached its cohort; non-zero on an abort or after
+        /// --timeout-secs.
+        #[arg(long)]
+        exit_when_done: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
     },
 }
 
@@ -198,6 +214,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve { config, data_dir } => run_serve(config.as_deref(), data_dir),
+        Command::Config { command } => config::run_command(command),
+        Command::Simulate(args) => simulate::run(args),
         Command::Device { api, command } => devices::run(&api, command),
         Command::Model { api, command } => devices::model(&api, command),
         Command::Rollout { api, command } => rollouts::run(&api, command),
@@ -205,9 +223,19 @@ fn main() -> ExitCode {
         Command::DriftEval { devices, runs } => drift_eval(devices, runs),
         Command::Demo {
             devices,
-            inferences,
-            windows,
-        } => demo(devices, inferences, windows),
+            api,
+            data_dir,
+            drift_after,
+            exit_when_done,
+            timeout_secs,
+        } => demo::run(demo::DemoOptions {
+            devices,
+            api,
+            data_dir,
+            drift_after,
+            exit_when_done,
+            timeout: std::time::Duration::from_secs(timeout_secs),
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -232,156 +260,4 @@ fn run_serve(
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(serve::serve(config, std::future::pending()))
-}
-
-/// Per-cohort running totals for the demo's report.
-#[derive(Debug, Default)]
-struct CohortTotals {
-    summaries: u64,
-    inferences: u64,
-    /// Sum over summaries of feature 0's normalised mean, weighted by inferences.
-    mean_f0: f64,
-}
-
-fn demo(n_devices: u32, inferences: usize, windows: u32) -> Result<(), String> {
-    if n_devices == 0 || windows == 0 {
-        return Err("--devices and --windows must be at least 1".into());
-    }
-    let profile = ReferenceProfile::default();
-    let cohorts = ["nrf52840", "stm32l4", "esp32s3"];
-    let drifting = "stm32l4";
-    println!(
-        "tinyfleet demo: {n_devices} simulated devices in {} hardware cohorts, {windows} windows of \
-         {inferences} inferences each.",
-        cohorts.len()
-    );
-    println!(
-        "Cohort {drifting} sees its inputs shift by +0.8 sd from window 2 on; every summary is \
-         encoded by the device client (no_std code), authenticated with the device's key, then \
-         verified and decoded by ingest."
-    );
-
-    let ids: Vec<String> = (0..n_devices).map(|i| format!("dev-{i:05}")).collect();
-    let mut keys = HashMap::new();
-    for (i, id) in ids.iter().enumerate() {
-        let mut k = [0u8; 32];
-        k[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        k[8] = 0x5a;
-        keys.insert(id.clone(), DeviceKey(k));
-    }
-    let decoder = Decoder::default();
-    let mut rejects: HashMap<Reject, u64> = HashMap::new();
-    let mut per_cohort: HashMap<(&str, u32), CohortTotals> = HashMap::new();
-    let (mut accepted, mut bytes_total, mut bytes_max) = (0u64, 0u64, 0usize);
-    let mut last_message = Vec::new();
-    let mut out = [0u8; 512];
-
-    for (i, id) in ids.iter().enumerate() {
-        let cohort = cohorts[i % cohorts.len()];
-        let device = DeviceId::new(id).map_err(|e| e.to_string())?;
-        let key = &keys[id];
-        let topic = Topic::new(device, Kind::Summary);
-        let mut monitor = ReferenceMonitor::new(profile.config(1), 1, wire::reset::POWER_ON, 0);
-        let mut rng = Rng::new(i as u64);
-        for window in 0..windows {
-            let shift = if cohort == drifting && window >= 1 {
-                0.8
-            } else {
-                0.0
-            };
-            let params = StreamParams {
-                feature_shift: shift,
-                ..StreamParams::default()
-            };
-            for _ in 0..inferences {
-                let s = sample(&mut rng, &params);
-                monitor
-                    .record(&s.inference())
-                    .map_err(|e| format!("record: {e:?}"))?;
-            }
-            monitor.set_battery_mv(3600 - (rng.next_u64() % 400) as u16);
-            let now_ms = 600_000 * u64::from(window + 1);
-            let len = monitor
-                .finish_window(now_ms, None, device, key, &mut out)
-                .map_err(|e| e.to_string())?;
-            let msg = &out[..len];
-            bytes_total += len as u64;
-            bytes_max = bytes_max.max(len);
-            match decoder.decode(topic.as_str(), msg, &keys) {
-                Ok((_, DeviceMessage::Summary(s))) => {
-                    accepted += 1;
-                    let t = per_cohort.entry((cohort, window)).or_default();
-                    t.summaries += 1;
-                    t.inferences += s.inferences();
-                    t.mean_f0 += f64::from(s.features[0].mean) * s.inferences() as f64;
-                }
-                Ok(_) => return Err("decoder returned a non-summary for a summary".into()),
-                Err(r) => *rejects.entry(r).or_default() += 1,
-            }
-            last_message = msg.to_vec();
-        }
-    }
-
-    // An attacker's attempts: a summary replayed on another device's topic, a forged tag, and a
-    // truncated message. Each is refused with its reason.
-    let victim = Topic::new(
-        DeviceId::new(&ids[0]).map_err(|e| e.to_string())?,
-        Kind::Summary,
-    );
-    let mut forged = last_message.clone();
-    if let Some(b) = forged.last_mut() {
-        *b ^= 1;
-    }
-    let own_topic = Topic::new(
-        DeviceId::new(&ids[ids.len() - 1]).map_err(|e| e.to_string())?,
-        Kind::Summary,
-    );
-    let attacks: [(&str, &[u8]); 3] = [
-        (victim.as_str(), &last_message),
-        (own_topic.as_str(), &forged),
-        (own_topic.as_str(), &last_message[..last_message.len() / 2]),
-    ];
-    for (topic, msg) in attacks {
-        if let Err(r) = decoder.decode(topic, msg, &keys) {
-            *rejects.entry(r).or_default() += 1;
-        }
-    }
-
-    let sent = u64::from(n_devices) * u64::from(windows);
-    println!();
-    println!(
-        "{accepted} of {sent} summaries verified and decoded; {:.0} bytes each on average, {bytes_max} at most.",
-        bytes_total as f64 / sent as f64
-    );
-    println!(
-        "Feature 0 mean per cohort and window (normalised to the profile range; 0.5 = reference):"
-    );
-    for cohort in cohorts {
-        let row: Vec<String> = (0..windows)
-            .map(|w| {
-                per_cohort.get(&(cohort, w)).map_or("-".into(), |t| {
-                    format!("{:.3}", t.mean_f0 / t.inferences.max(1) as f64)
-                })
-            })
-            .collect();
-        let mark = if cohort == drifting {
-            "  <- shifted inputs"
-        } else {
-            ""
-        };
-        println!("  {cohort:<9} {}{mark}", row.join("  "));
-    }
-    println!("Rejected messages by reason (3 injected attacks):");
-    for r in Reject::ALL {
-        if let Some(n) = rejects.get(&r) {
-            println!("  {:<15} {n}", r.as_str());
-        }
-    }
-    println!();
-    println!(
-        "This demo runs the device client and ingest's decoder in one process. `tinyfleet serve` \
-         runs the MQTT broker, ingest, the SQLite store and the API; drift statistics, alerts, \
-         OTA and the dashboards are not built yet (see `issues`)."
-    );
-    Ok(())
 }

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rumqttc::{AsyncClient, QoS};
 use tinyfleet_drift::engine::DeviceWindow;
 use tinyfleet_drift::profile::MonitoringProfile;
+use tinyfleet_drift::stats::psi;
+use tinyfleet_ingest::aggregate::WindowAgg;
 use tinyfleet_ingest::pipeline::{BlockRequestEvent, BlockRequestHook, Events};
 use tinyfleet_ingest::shell::EventSink;
 use tinyfleet_ota_service::Ota;
@@ -299,6 +301,7 @@ pub fn quality_observations(
             let mean_latency_us = profile
                 .and_then(|p| p.latency.as_ref())
                 .and_then(|edges| mean_of_bins(edges.lo, &edges.upper, &agg.latency.bins));
+            let drift_score = profile.and_then(|p| mean_feature_psi(p, agg));
             QualityObservation {
                 device: w.device.clone(),
                 window_start_ms: start,
@@ -308,9 +311,35 @@ pub fn quality_observations(
                 estimated_accuracy,
                 mean_latency_us,
                 resets: agg.health.bad_resets,
+                predicted_classes: agg.classes.clone(),
+                drift_score,
             }
         })
         .collect()
+}
+
+/// The window's data drift against the version's profile: the mean over features of the PSI
+/// of the feature's bins (underflow and overflow included) against the reference counts.
+fn mean_feature_psi(profile: &MonitoringProfile, agg: &WindowAgg) -> Option<f64> {
+    let cells = |bins: &[u64], under: u64, over: u64| {
+        let mut v = Vec::with_capacity(bins.len() + 2);
+        v.push(under);
+        v.extend_from_slice(bins);
+        v.push(over);
+        v
+    };
+    let mut scores = Vec::new();
+    for (reference, current) in profile.features.iter().zip(&agg.features) {
+        let (r, c) = (&reference.hist, &current.hist);
+        if r.counts.len() != c.bins.len() || c.bins.iter().sum::<u64>() == 0 {
+            continue;
+        }
+        scores.push(psi(
+            &cells(&r.counts, r.underflow, r.overflow),
+            &cells(&c.bins, c.underflow, c.overflow),
+        ));
+    }
+    (!scores.is_empty()).then(|| scores.iter().sum::<f64>() / scores.len() as f64)
 }
 
 /// The mean of a histogram by bin midpoints (`None` when empty or when the edges do not fit).

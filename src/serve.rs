@@ -67,10 +67,26 @@ fn api_tokens(config: &Config, data_dir: &Path) -> Result<Vec<ApiToken>, String>
     )])
 }
 
+/// Where a running server listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub mqtt: SocketAddr,
+    pub api: SocketAddr,
+}
+
 /// Runs until SIGINT/SIGTERM or until `stop` resolves.
 pub async fn serve(
     config: Config,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    serve_with(config, stop, None).await
+}
+
+/// [`serve`], telling `ready` the addresses once devices may connect (for `tinyfleet demo`).
+pub async fn serve_with(
+    config: Config,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: Option<tokio::sync::oneshot::Sender<Ready>>,
 ) -> Result<(), String> {
     let data_dir = config.data_dir.clone();
     let store = {
@@ -333,6 +349,12 @@ pub async fn serve(
         "tinyfleet serving: mqtt={mqtt_addr} api=http://{api_addr} data={}",
         data_dir.display()
     );
+    if let Some(ready) = ready {
+        let _ = ready.send(Ready {
+            mqtt: mqtt_addr,
+            api: api_addr,
+        });
+    }
 
     tokio::select! {
         _ = stop => {}

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{Server, SimFleet, TOKEN, wait_for};
-use tinyfleet_device::testkit::StreamParams;
-use tinyfleet_sim::{Behaviour, Factory, SimEventKind};
+use tinyfleet_sim::{Behaviour, Factory, SimEventKind, WindowData};
 
 const DEVICES: usize = 12;
 
@@ -192,13 +191,13 @@ fn a_worse_model_is_stopped_at_the_canary_and_rolled_back() {
         summary_interval: Duration::from_millis(400),
         inferences: 100,
         labelled: 100,
-        stream: Arc::new(|ctx| StreamParams {
+        stream: Arc::new(|ctx| WindowData {
             accuracy: if ctx.model_version == "2.0" {
                 0.65
             } else {
                 0.9
             },
-            ..StreamParams::default()
+            ..WindowData::default()
         }),
         ..Behaviour::default()
     };
@@ -299,6 +298,93 @@ fn a_restart_mid_rollout_changes_nothing_in_the_outcome() {
         .filter(|e| e["event"] == "stage_opened" || e["record"]["event"] == "stage_opened")
         .collect();
     assert_eq!(opened.len(), 2, "each stage opened once: {audit}");
+    fleet.stop();
+    server.stop();
+}
+
+/// A model that fails its self-test on a third of the devices (they revert by themselves) is
+/// aborted by the install gate once the minimum sample is done, not at the first revert.
+#[test]
+fn a_model_that_fails_to_install_on_a_third_of_the_canaries_is_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), "[ota]\nrollout_tick_ms = 200");
+    let v1 = image(1, 20_000);
+    push(&server, dir.path(), &v1, "1.0", 1);
+    push(&server, dir.path(), &retrained(&v1, 5), "2.0", 2);
+    let mut fleet = SimFleet::new();
+    let factory = Factory {
+        model_version: "1.0".into(),
+        model_seq: 1,
+        image: Arc::new(v1.to_vec()),
+    };
+    for i in 0..DEVICES {
+        let fails = i % 3 == 0;
+        let behaviour = Behaviour {
+            summary_interval: Duration::from_secs(3600),
+            self_test: Arc::new(move |_, version| !(fails && version == "2.0")),
+            ..Behaviour::default()
+        };
+        fleet.add(
+            &server,
+            &format!("node-{i:02}"),
+            "nrf52840",
+            factory.clone(),
+            behaviour,
+        );
+    }
+    wait_for("the fleet online", Duration::from_secs(30), || {
+        (versions_running(&server).len() == DEVICES).then_some(())
+    });
+    let (status, created) = server.post(
+        "/api/v1/rollouts",
+        TOKEN,
+        json!({
+            "model_id": "kws", "version": "2.0", "id": "kws-2-flaky",
+            "stages": [
+                { "share": 0.5, "min_devices": 6, "soak_ms": 60_000, "deadline_ms": 600_000 },
+                { "share": 1.0, "min_devices": 0, "soak_ms": 500, "deadline_ms": 600_000 }
+            ],
+            "install": { "min_done": 5 },
+            "quality": { "required": false },
+        }),
+    );
+    assert_eq!(status, 201, "{created}");
+    let reverted = fleet.wait_event(
+        "a revert",
+        Duration::from_secs(60),
+        |e| matches!(&e.kind, SimEventKind::Progress(r) if r.state == 7),
+    );
+    assert!(
+        reverted.device.ends_with(['0', '3', '6', '9']),
+        "{reverted:?}"
+    );
+    let aborted = wait_for("the rollout aborted", Duration::from_secs(60), || {
+        let r = rollout(&server, "kws-2-flaky");
+        matches!(r["state"].as_str(), Some("aborted" | "rolling_back")).then_some(r)
+    });
+    assert_eq!(
+        aborted["stage"], 0,
+        "stopped at the canary stage: {aborted}"
+    );
+    let audit = server.get("/api/v1/rollouts/kws-2-flaky/audit");
+    let abort = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "aborted")
+        .unwrap_or_else(|| panic!("no abort in {audit}"));
+    assert_eq!(abort["cause"], "install_gate", "{abort}");
+    let done = abort["gates"]["install"]["cumulative"]["revert"]["done"]
+        .as_u64()
+        .unwrap();
+    assert!(done >= 5, "decided on {done} devices done: {abort}");
+    // No device stays on the new version: the healthy canaries get the signed rollback.
+    wait_for("no device on 2.0", Duration::from_secs(60), || {
+        versions_running(&server)
+            .iter()
+            .all(|c| c != "kws@2.0/nrf52840")
+            .then_some(())
+    });
     fleet.stop();
     server.stop();
 }

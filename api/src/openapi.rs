@@ -168,7 +168,7 @@ fn rollout_paths() -> Value {
         "filter": { "type": "object", "description": "{hw, tag: {key, value}}; hw defaults to the version's" },
         "stages": { "type": "array", "description": "[{share, min_devices, soak_ms, deadline_ms}]; shares cumulative" },
         "install": { "type": "object", "description": "install-health gate (min_done, confidence, max_failure_rate, max_revert_rate, max_timeout_rate, report_timeout_ms, min_stage_done_share)" },
-        "quality": { "type": "object", "description": "quality gate (required, confidence, minimum samples, max_accuracy_drop, max_estimated_drop, max_latency_ratio, max_reset_increase)" },
+        "quality": { "type": "object", "description": "quality gate (required, confidence, minimum samples incl. min_class_predictions, max_accuracy_drop, max_estimated_drop, max_latency_ratio, max_reset_increase, max_class_divergence, max_drift_increase)" },
         "offers_per_minute": { "type": "integer" },
         "maintenance": { "type": "array", "description": "[{start_hour, end_hour}] UTC windows for offers" }
     });

@@ -3,7 +3,10 @@
 //! accuracy is stopped at the canary stage and rolled back; a model that fails to install on
 //! 30 % of the canaries is aborted once the minimum sample is done; an inconclusive quality
 //! test holds the stage and pauses it past the deadline; a service restart (engine serialised
-//! and read back, broker's retained offers lost and re-published) changes nothing.
+//! and read back, broker's retained offers lost and re-published) changes nothing. Devices
+//! report predicted-class counts and drift scores too: a model biased towards one class, or
+//! whose inputs drift from its own profile, is stopped at the canary stage without any label,
+//! and a healthy model with strongly device-dependent class mixes is not.
 
 mod rollout_sim;
 
@@ -57,6 +60,8 @@ fn a_healthy_model_goes_from_one_percent_to_everyone_on_its_own() {
         let g = a.gates.as_ref().expect("gate values recorded");
         assert_eq!(g.verdict, Verdict::Pass);
         assert_eq!(g.quality.verdict, Verdict::Pass);
+        assert_eq!(g.quality.classes.verdict, Verdict::Pass, "{:?}", g.quality);
+        assert_eq!(g.quality.drift.verdict, Verdict::Pass, "{:?}", g.quality);
         assert!(g.install.cumulative.counts.done() >= 10);
     }
     // The canary stage: 1 % of the target is ~13 devices; never below 10.
@@ -446,5 +451,120 @@ fn operators_can_abort_a_completed_rollout_and_rollback_versions_are_checked() {
     assert_eq!(h.state(), RolloutState::Aborted);
     for d in &h.fleet.devices {
         assert_ne!(d.running.0, NEW, "{} still runs the new version", d.id);
+    }
+}
+
+/// Runs a model without labels until it aborts; returns the quality gate at the abort.
+fn aborted_without_labels(
+    seed: u64,
+    new: Behaviour,
+    id: &str,
+) -> tinyfleet_ota_service::rollout::QualityReport {
+    let mut config = FleetConfig::new(2_000, seed, new);
+    config.labels_per_window = 0;
+    let mut h = Harness::start(config, test_plan(id));
+    h.run_until(
+        START_MS + 24 * HOUR_MS,
+        MINUTE_MS,
+        done(RolloutState::Aborted),
+    );
+    assert_eq!(
+        h.state(),
+        RolloutState::Aborted,
+        "{:#?}",
+        h.rollout.status()
+    );
+    let abort = h
+        .audit()
+        .into_iter()
+        .find(|a| a.event == Aborted)
+        .cloned()
+        .expect("aborted");
+    assert_eq!(abort.cause, Cause::QualityGate);
+    assert_eq!(abort.stage, Some(0), "stopped at the canary stage");
+    assert!(!h.events().contains(&(StageOpened, Some(1))));
+    let gates = abort.gates.expect("gate values");
+    assert_eq!(gates.install.verdict, Verdict::Pass, "it installed fine");
+    assert_eq!(gates.quality.labelled.verdict, Verdict::NoData, "no labels");
+    assert!(gates.reason.starts_with("quality: "), "{}", gates.reason);
+    gates.quality
+}
+
+#[test]
+fn a_model_biased_towards_one_class_is_stopped_at_the_canary_stage_without_labels() {
+    // Twice as many predictions of class 0 (20 % -> 44 %), same accuracy estimate.
+    let q = aborted_without_labels(
+        8,
+        Behaviour {
+            class_skew: 0.3,
+            ..Behaviour::good(2, 0.90)
+        },
+        "biased",
+    );
+    assert_eq!(q.classes.verdict, Verdict::Fail, "{q:#?}");
+    assert!(q.reason.contains("predicted classes"), "{}", q.reason);
+    assert_eq!(q.shifted_class, Some(0));
+    let psi = q.classes.harm.expect("class test ran");
+    assert!(psi.low > 0.1, "{psi:?}");
+    assert!(q.class_test.is_some_and(|t| t.different));
+    assert!(q.classes.canary > q.classes.control);
+    assert_ne!(q.drift.verdict, Verdict::Fail);
+    assert_ne!(q.estimated.verdict, Verdict::Fail);
+}
+
+#[test]
+fn a_model_whose_inputs_drift_from_its_profile_is_stopped_at_the_canary_stage() {
+    let q = aborted_without_labels(
+        9,
+        Behaviour {
+            drift: 0.3,
+            ..Behaviour::good(2, 0.90)
+        },
+        "drifting",
+    );
+    assert_eq!(q.drift.verdict, Verdict::Fail, "{q:#?}");
+    assert!(q.reason.contains("drift score"), "{}", q.reason);
+    assert!(!q.reason.contains("predicted classes"), "{}", q.reason);
+    let up = q.drift.harm.expect("drift test ran");
+    assert!(up.low > 0.1 && up.estimate > 0.2, "{up:?}");
+    assert_ne!(q.classes.verdict, Verdict::Fail);
+}
+
+#[test]
+fn a_healthy_model_with_device_dependent_class_mixes_is_not_aborted() {
+    // Each device's class shares vary by a factor of up to e^1 either way: pooled over the
+    // dozen canaries, their mix differs from the control's by much more than multinomial
+    // noise; the per-device design effect keeps that from looking like a shift. No labels:
+    // accuracy comes from the CBPE estimates.
+    let mut config = FleetConfig::new(2_000, 10, Behaviour::good(2, 0.90));
+    config.class_spread = 1.0;
+    config.labels_per_window = 0;
+    let mut h = Harness::start(config, test_plan("mixes"));
+    h.run_until(
+        START_MS + 48 * HOUR_MS,
+        MINUTE_MS,
+        done(RolloutState::Completed),
+    );
+    assert_eq!(
+        h.state(),
+        RolloutState::Completed,
+        "{:#?}",
+        h.rollout.status().gates
+    );
+    let advanced: Vec<_> = h
+        .audit()
+        .into_iter()
+        .filter(|a| a.event == Advanced)
+        .cloned()
+        .collect();
+    assert_eq!(advanced.len(), 4);
+    for a in advanced {
+        let g = a.gates.expect("gate values");
+        assert_eq!(a.cause, Cause::Soak);
+        assert_eq!(g.quality.classes.verdict, Verdict::Pass, "{:?}", g.quality);
+        assert_eq!(g.quality.drift.verdict, Verdict::Pass);
+        assert_eq!(g.quality.labelled.verdict, Verdict::NoData);
+        let t = g.quality.class_test.expect("class test ran");
+        assert!(t.design_effect > 2.0, "{t:?}");
     }
 }

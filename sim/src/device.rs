@@ -2,18 +2,21 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use embedded_storage::nor_flash::{ErrorType, NorFlash, ReadNorFlash};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use sha2::{Digest as _, Sha256};
 use tinyfleet_device::ota::boot::{self, ImageInfo};
+use tinyfleet_device::ota::flash::FlashError;
 use tinyfleet_device::ota::flash::{Layout, Region};
 use tinyfleet_device::ota::installer::{Config, GoldenDigest, Installer, Next, Report, SelfTest};
 use tinyfleet_device::ota::manifest::{MAX_OFFER, TrustedKey, verify_offer};
 use tinyfleet_device::ota::patch::Patcher;
-use tinyfleet_device::ota::sim::SimFlash;
-use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
-use tinyfleet_device::wire::{self, DeviceId, Kind, Topic};
+use tinyfleet_device::ota::sim::{Cut, SimError, SimFlash};
+use tinyfleet_device::testkit::{ReferenceProfile, Rng, Sample, StreamParams, sample};
+use tinyfleet_device::wire::{self, DeviceId, Kind, Topic, ota_state};
 use tinyfleet_device::{DeviceKey, ReferenceMonitor};
 use tokio::sync::{mpsc, watch};
 
@@ -25,6 +28,66 @@ const PATCH_BLOCK: usize = 1024;
 const BLOCK_RETRY: Duration = Duration::from_secs(3);
 
 type Flash = SimFlash<4, 4096>;
+
+/// The device's flash with a power switch: armed with `n > 0`, the power goes during the
+/// `n`-th program or erase from then on (0: disarmed).
+struct Switched<'f> {
+    flash: &'f mut Flash,
+    armed: Arc<AtomicU32>,
+}
+
+impl ErrorType for Switched<'_> {
+    type Error = SimError;
+}
+
+impl ReadNorFlash for Switched<'_> {
+    const READ_SIZE: usize = <Flash as ReadNorFlash>::READ_SIZE;
+    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), SimError> {
+        self.flash.read(offset, bytes)
+    }
+    fn capacity(&self) -> usize {
+        self.flash.capacity()
+    }
+}
+
+impl Switched<'_> {
+    fn tick(&mut self) {
+        match self.armed.load(Ordering::Relaxed) {
+            0 => {}
+            1 => {
+                self.armed.store(0, Ordering::Relaxed);
+                let at = self.flash.ops();
+                self.flash.cut_power_at(at, Cut::Midway);
+            }
+            n => self.armed.store(n - 1, Ordering::Relaxed),
+        }
+    }
+}
+
+impl NorFlash for Switched<'_> {
+    const WRITE_SIZE: usize = <Flash as NorFlash>::WRITE_SIZE;
+    const ERASE_SIZE: usize = <Flash as NorFlash>::ERASE_SIZE;
+    fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
+        self.tick();
+        self.flash.erase(from, to)
+    }
+    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
+        self.tick();
+        self.flash.write(offset, bytes)
+    }
+}
+
+type DevError = tinyfleet_device::ota::installer::Error<SimError>;
+
+/// Whether an installer error is the simulated power cut (the device reboots) rather than a
+/// fault (the device stops).
+fn power_lost(e: &DevError) -> bool {
+    matches!(
+        e,
+        tinyfleet_device::ota::installer::Error::Flash(FlashError::Flash(SimError::PowerLost))
+            | tinyfleet_device::ota::installer::Error::Stale
+    )
+}
 
 /// The image a device leaves the factory with.
 #[derive(Debug, Clone)]
@@ -44,10 +107,99 @@ pub struct StreamContext<'a> {
     pub window: u64,
 }
 
-/// The stream parameters of a window.
-pub type StreamFn = Arc<dyn Fn(&StreamContext<'_>) -> StreamParams + Send + Sync>;
+/// The data of a window.
+pub type StreamFn = Arc<dyn Fn(&StreamContext<'_>) -> WindowData + Send + Sync>;
+
+/// What a device's inferences look like in a window: each feature is N(shift, 1), and the model
+/// is right with probability `accuracy` (confident when right, less when wrong).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WindowData {
+    /// Covariate shift: added to each feature.
+    pub shift: [f32; 8],
+    pub accuracy: f64,
+    /// Prior shift: with probability `.1` an inference's true class is `.0` (the model is as
+    /// good as ever on it; the class mix is what changes).
+    pub prior: Option<(usize, f64)>,
+    /// Concept drift: with this probability a correct prediction's label turns out to be
+    /// another class, while the prediction and its confidence stay as they were (inputs and
+    /// confidences look the same; only labels tell).
+    pub concept_flip: f64,
+    /// A broken sensor: this feature reads this value (NaN for a dead one).
+    pub stuck: Option<(usize, f32)>,
+}
+
+impl Default for WindowData {
+    fn default() -> Self {
+        Self {
+            shift: [0.0; 8],
+            accuracy: StreamParams::default().accuracy,
+            prior: None,
+            concept_flip: 0.0,
+            stuck: None,
+        }
+    }
+}
+
+/// Another class than `c` (of 10), uniformly.
+fn other_class(rng: &mut Rng, c: usize) -> usize {
+    (c + 1 + (rng.next_u64() % 9) as usize) % 10
+}
+
+/// One inference drawn from `data`.
+pub fn draw(rng: &mut Rng, data: &WindowData) -> Sample {
+    let params = StreamParams {
+        feature_shift: 0.0,
+        accuracy: data.accuracy,
+    };
+    let mut s = sample(rng, &params);
+    if let Some((class, p)) = data.prior
+        && rng.uniform() < p
+    {
+        let correct = s.predicted == s.actual;
+        s.actual = class % 10;
+        s.predicted = if correct {
+            s.actual
+        } else {
+            other_class(rng, s.actual)
+        };
+    }
+    if data.concept_flip > 0.0 && s.predicted == s.actual && rng.uniform() < data.concept_flip {
+        s.actual = other_class(rng, s.actual);
+    }
+    for (f, shift) in s.features.iter_mut().zip(data.shift) {
+        *f += shift;
+    }
+    if let Some((feature, value)) = data.stuck
+        && let Some(f) = s.features.get_mut(feature)
+    {
+        *f = value;
+    }
+    s
+}
+
+/// A reference data set drawn from `data` as the CSV `tinyfleet profile build` reads
+/// (features `f0`..`f7`, `prediction`, `confidence`, `label`, `latency_us`).
+pub fn reference_csv(data: &WindowData, rows: usize, seed: u64) -> String {
+    use std::fmt::Write as _;
+    let mut rng = Rng::new(seed);
+    let mut out = String::from("f0,f1,f2,f3,f4,f5,f6,f7,prediction,confidence,label,latency_us\n");
+    for _ in 0..rows {
+        let s = draw(&mut rng, data);
+        for f in s.features {
+            let _ = write!(out, "{f},");
+        }
+        let _ = writeln!(
+            out,
+            "{},{},{},{}",
+            s.predicted, s.confidence, s.actual, s.latency_us
+        );
+    }
+    out
+}
 /// Whether the self-test passes: `(hardware, model version) -> pass`.
 pub type SelfTestFn = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+/// The bin edges a model version's monitor uses (they ship with the model).
+pub type ProfileFn = Arc<dyn Fn(&str) -> Arc<ReferenceProfile> + Send + Sync>;
 
 /// How a device behaves: its data and its models' quality.
 #[derive(Clone)]
@@ -60,6 +212,14 @@ pub struct Behaviour {
     /// Whether the self-test of a model version passes on this device (a failing one is
     /// reverted).
     pub self_test: SelfTestFn,
+    /// Bin edges per model version.
+    pub profile: ProfileFn,
+    /// Loses power once during its first install, part-way through the download: the
+    /// installer resumes from its last checkpoint after the reboot.
+    pub power_loss_in_install: bool,
+    /// Drops off the network (no DISCONNECT: the broker publishes its will) from `.0` after
+    /// start until `.1`, then reconnects.
+    pub offline: Option<(Duration, Duration)>,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -78,8 +238,14 @@ impl Default for Behaviour {
             summary_interval: Duration::from_secs(10),
             inferences: 100,
             labelled: 0,
-            stream: Arc::new(|_| StreamParams::default()),
+            stream: Arc::new(|_| WindowData::default()),
             self_test: Arc::new(|_, _| true),
+            profile: {
+                let reference = Arc::new(ReferenceProfile::default());
+                Arc::new(move |_| reference.clone())
+            },
+            power_loss_in_install: false,
+            offline: None,
         }
     }
 }
@@ -126,6 +292,10 @@ pub enum SimEventKind {
     },
     /// A progress report was sent.
     Progress(Report),
+    /// The power went (during an install); the device reboots.
+    PowerLost,
+    /// The device dropped off the network.
+    Offline,
     /// Something failed (connection refused, flash error).
     Error(String),
 }
@@ -265,16 +435,23 @@ async fn life(
     // installed).
     let mut versions: HashMap<u32, String> =
         HashMap::from([(spec.factory.model_seq, spec.factory.model_version.clone())]);
-    let profile = ReferenceProfile::default();
     let mut rng = Rng::new(spec.seed);
     let mut windows_sent = 0u64;
     let mut patcher = Patcher::<PATCH_BLOCK>::new();
     let mut boot_no = 0u32;
+    let born = Instant::now();
+    let mut power_cut_done = !spec.behaviour.power_loss_in_install;
     loop {
         boot_no += 1;
+        flash.power_on();
         let booted = boot::boot(&mut flash, &layout).map_err(|e| format!("boot: {e:?}"))?;
         let started = Instant::now();
-        let mut inst = Installer::<_, PATCH_BLOCK>::open(&mut flash, layout, config, &mut patcher)
+        let armed = Arc::new(AtomicU32::new(0));
+        let switched = Switched {
+            flash: &mut flash,
+            armed: armed.clone(),
+        };
+        let mut inst = Installer::<_, PATCH_BLOCK>::open(switched, layout, config, &mut patcher)
             .map_err(|e| format!("installer: {e:?}"))?;
         let running = inst.boot_state().images[usize::from(booted.slot)].seq;
         let version = versions
@@ -304,11 +481,13 @@ async fn life(
             let r = inst
                 .self_test(&mut PassFail(passes))
                 .map_err(|e| format!("self-test: {e:?}"))?;
+            // (A power cut is only ever armed during a download.)
             if let Some(r) = r {
                 report(&link, &mut seqs, r)?;
             }
         }
 
+        let profile = (spec.behaviour.profile)(&version);
         let mut monitor =
             ReferenceMonitor::new(profile.config(running), boot_no, wire::reset::SOFTWARE, 0);
         let mut summary_tick = tokio::time::interval(spec.behaviour.summary_interval);
@@ -318,6 +497,13 @@ async fn life(
         let mut in_flight: Option<(u32, Instant)> = None;
         let mut retry = tokio::time::interval(Duration::from_millis(500));
         let mut scratch = [0u8; MAX_OFFER];
+        // How this boot ends: a reboot asked by the installer (clean) or a power cut.
+        let mut power_cut = false;
+        let mut offline_at = spec
+            .behaviour
+            .offline
+            .filter(|(from, _)| born.elapsed() < *from)
+            .map(|(from, until)| (tokio::time::Instant::from_std(born + from), born + until));
         'boot: loop {
             // Do what the installer asks before waiting for anything.
             match inst.next() {
@@ -344,9 +530,14 @@ async fn life(
                     }
                 }
                 Next::Switch => {
-                    let r = inst.switch().map_err(|e| format!("switch: {e:?}"))?;
-                    if let Some(r) = r {
-                        report(&link, &mut seqs, r)?;
+                    match inst.switch() {
+                        Ok(Some(r)) => report(&link, &mut seqs, r)?,
+                        Ok(None) => {}
+                        Err(e) if power_lost(&e) => {
+                            power_cut = true;
+                            break 'boot;
+                        }
+                        Err(e) => return Err(format!("switch: {e:?}")),
                     }
                     continue;
                 }
@@ -368,10 +559,20 @@ async fn life(
                             seq,
                             model_version: seen.map(|m| m.model_version.to_owned()),
                         });
-                        let r = inst
-                            .offer(&p.payload, &mut scratch)
-                            .map_err(|e| format!("offer: {e:?}"))?;
+                        let r = match inst.offer(&p.payload, &mut scratch) {
+                            Ok(r) => r,
+                            Err(e) if power_lost(&e) => {
+                                power_cut = true;
+                                break 'boot;
+                            }
+                            Err(e) => return Err(format!("offer: {e:?}")),
+                        };
                         in_flight = None;
+                        if r.state == ota_state::ACCEPTED && !power_cut_done {
+                            // Somewhere in the next few sectors of the download.
+                            power_cut_done = true;
+                            armed.store(3 + (rng.next_u64() % 40) as u32, Ordering::Relaxed);
+                        }
                         report(&link, &mut seqs, r)?;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == blk_topic => {
@@ -383,11 +584,14 @@ async fn life(
                             && block.offset == offset
                         {
                             in_flight = None;
-                            let r = inst
-                                .write(block.offset, block.data)
-                                .map_err(|e| format!("write: {e:?}"))?;
-                            if let Some(r) = r {
-                                report(&link, &mut seqs, r)?;
+                            match inst.write(block.offset, block.data) {
+                                Ok(Some(r)) => report(&link, &mut seqs, r)?,
+                                Ok(None) => {}
+                                Err(e) if power_lost(&e) => {
+                                    power_cut = true;
+                                    break 'boot;
+                                }
+                                Err(e) => return Err(format!("write: {e:?}")),
                             }
                         }
                     }
@@ -407,9 +611,9 @@ async fn life(
                         model_version: &version,
                         window: windows_sent,
                     };
-                    let params = (spec.behaviour.stream)(&ctx);
+                    let data = (spec.behaviour.stream)(&ctx);
                     for i in 0..spec.behaviour.inferences {
-                        let s = sample(&mut rng, &params);
+                        let s = draw(&mut rng, &data);
                         monitor
                             .record(&s.inference())
                             .map_err(|e| format!("record: {e:?}"))?;
@@ -434,6 +638,25 @@ async fn life(
                     emit(SimEventKind::Summary { seq });
                 }
                 _ = retry.tick() => {}
+                _ = async {
+                    match offline_at {
+                        Some((at, _)) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // The radio goes: no DISCONNECT, the broker publishes the will.
+                    let until = offline_at.take().map(|(_, until)| until);
+                    drop(std::mem::replace(&mut link.events, dead_events(spec)));
+                    emit(SimEventKind::Offline);
+                    if let Some(until) = until {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(until)) => {}
+                            _ = stop.changed() => return Ok(()),
+                        }
+                    }
+                    link = open_link(spec, boot_no, &mut seqs, &version, running).await?;
+                    in_flight = None;
+                }
                 _ = stop.changed() => {
                     close(&mut link).await;
                     return Ok(());
@@ -441,12 +664,25 @@ async fn life(
             }
         }
         drop(inst);
-        // A clean restart: the session ends without a will.
-        close(&mut link).await;
+        if power_cut {
+            // The connection dies with the power (the broker publishes the will).
+            emit(SimEventKind::PowerLost);
+            drop(link);
+        } else {
+            // A clean restart: the session ends without a will.
+            close(&mut link).await;
+        }
         if *stop.borrow() {
             return Ok(());
         }
     }
+}
+
+/// An event loop that never connected, to drop a live one in its place (the TCP connection
+/// closes without DISCONNECT).
+fn dead_events(spec: &DeviceSpec) -> EventLoop {
+    let opts = MqttOptions::new(&spec.id, &spec.broker_host, spec.broker_port);
+    AsyncClient::new(opts, 1).1
 }
 
 /// Disconnects cleanly (no will): sends DISCONNECT and drives the connection until it is out.

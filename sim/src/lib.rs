@@ -18,4 +18,7 @@
 
 pub mod device;
 
-pub use device::{Behaviour, DeviceSpec, Factory, SimEvent, SimEventKind, StreamContext, run};
+pub use device::{
+    Behaviour, DeviceSpec, Factory, SimEvent, SimEventKind, StreamContext, WindowData, draw,
+    reference_csv, run,
+};

@@ -71,8 +71,10 @@
 //! - *Quality* ([`QualityGate`]): canary (devices of this rollout on the new version) against
 //!   control (devices of the same target still on the old one) over the same windows:
 //!   labelled accuracy (two-proportion z with a cluster-robust variance), CBPE-estimated
-//!   accuracy (Welch's t over devices), latency ratio, resets; minimum samples; an inconclusive
-//!   result holds the stage. Evidence accumulates over the whole rollout.
+//!   accuracy (Welch's t over devices), latency ratio, resets, predicted-class distribution
+//!   (a design-effect-corrected chi-square with a PSI effect size), drift score against the
+//!   version's profile (Welch's t); minimum samples; an inconclusive result holds the stage.
+//!   Evidence accumulates over the whole rollout.
 //!
 //! # Rollback
 //!

@@ -179,10 +179,17 @@ impl Default for InstallGate {
 /// | estimated (CBPE) accuracy | control - canary mean of per-device estimates | Welch t | 0.03 |
 /// | latency | canary / control mean of per-device means | Welch t on the log ratio | 1.25 |
 /// | resets | canary - control resets per device-window | Poisson normal approximation | 0.05 |
+/// | predicted classes | PSI between the pooled predicted-class histograms | Rao-Scott chi-square with a per-device design effect, and PSI bounds | 0.1 |
+/// | drift score | canary - control mean of per-device mean drift scores | Welch t | 0.1 |
+///
+/// The predicted-class check fails only when the chi-square test says the distributions
+/// differ *and* the PSI's lower bound is above the limit, so a huge sample cannot fail a
+/// negligible shift (see [`super::quality`]).
 ///
 /// The gate passes when no metric fails or is inconclusive and at least one accuracy metric
 /// (labelled or estimated) passes; `required: false` lets a rollout without any quality data
-/// (no labels, no monitoring profile) pass on install health alone.
+/// (no labels, no monitoring profile) pass on install health alone. A metric without data
+/// (no class counts, no drift scores) decides nothing and holds nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QualityGate {
@@ -204,6 +211,34 @@ pub struct QualityGate {
     pub max_latency_ratio: f64,
     /// Largest tolerated extra resets per device and window on the canary side.
     pub max_reset_increase: f64,
+    /// Predictions on each side before the predicted-class test decides.
+    ///
+    /// 1,000: with ten classes, 1,000 independent predictions per side put the PSI's noise
+    /// floor at about `9 * (1/1000 + 1/1000) = 0.018` with a spread well under the 0.1
+    /// limit, so the bounds can tell "within" from "beyond"; per-device variation raises the
+    /// floor (the test measures it), more predictions cannot lower it below that. A dozen
+    /// canaries reach 1,000 within a window or two.
+    pub min_class_predictions: u64,
+    /// Largest tolerated divergence (PSI) between the canary's and the control's pooled
+    /// predicted-class distributions.
+    ///
+    /// 0.1 is the conventional PSI boundary of "no significant change" (Evidently's default
+    /// drift threshold; 0.1-0.2 "moderate", above 0.2 "significant"). Both sides see the same
+    /// population over the same windows, so two models of similar accuracy predict nearly
+    /// the same mix: moving 2 % of the predictions from one class of ten to another is a PSI of
+    /// about 0.01, while doubling a 10 % class is 0.08 and tripling it 0.27. A canary beyond
+    /// 0.1 behaves differently on the same inputs, which the labels may not show for days. A
+    /// model that deliberately predicts a different mix (a fixed bias, a new class) should
+    /// raise it for its rollout.
+    pub max_class_divergence: f64,
+    /// Largest tolerated increase of the mean drift score (PSI against each version's own
+    /// monitoring profile), canary over control.
+    ///
+    /// 0.1, the same PSI boundary: a canary whose inputs look that much further from its own
+    /// profile than the control's from theirs has a model/profile mismatch (changed
+    /// preprocessing, quantisation or feature scaling), which accuracy cannot show without
+    /// labels.
+    pub max_drift_increase: f64,
 }
 
 impl Default for QualityGate {
@@ -219,6 +254,9 @@ impl Default for QualityGate {
             max_estimated_drop: 0.03,
             max_latency_ratio: 1.25,
             max_reset_increase: 0.05,
+            min_class_predictions: 1_000,
+            max_class_divergence: 0.1,
+            max_drift_increase: 0.1,
         }
     }
 }
@@ -478,6 +516,26 @@ impl RolloutPlan {
             0.0,
             1000.0,
         )?;
+        if q.min_class_predictions < 100 {
+            return Err(bad(
+                "quality.min_class_predictions",
+                format!(
+                    "{} is below 100: the chi-square approximation needs expected counts",
+                    q.min_class_predictions
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("quality.max_class_divergence", q.max_class_divergence),
+            ("quality.max_drift_increase", q.max_drift_increase),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 10.0) {
+                return Err(bad(
+                    field,
+                    format!("{v} must be in (0, 10] (a PSI; 0 could never pass)"),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -532,6 +590,18 @@ mod tests {
         assert_eq!(
             field(&|p| p.quality.confidence = 1.0),
             Err("quality.confidence".into())
+        );
+        assert_eq!(
+            field(&|p| p.quality.min_class_predictions = 10),
+            Err("quality.min_class_predictions".into())
+        );
+        assert_eq!(
+            field(&|p| p.quality.max_class_divergence = 0.0),
+            Err("quality.max_class_divergence".into())
+        );
+        assert_eq!(
+            field(&|p| p.quality.max_drift_increase = f64::NAN),
+            Err("quality.max_drift_increase".into())
         );
         assert_eq!(
             field(&|p| p.maintenance.push(HourWindow {

@@ -4,7 +4,10 @@
 //! verified, switching, then after a reboot confirmed or reverted; failed during the download;
 //! rejected when the seq is not above the installed one), after random delays, and their
 //! reports reach the server after a random network delay, sometimes twice. Every window each
-//! online device produces a quality observation from its running model's true accuracy.
+//! online device produces a quality observation from its running model's true accuracy, with
+//! its predicted-class counts (each device its own class mix, its environment, shifted by the
+//! running model's `class_skew`) and its drift score (each device its own level, plus the
+//! running model's `drift`).
 //! Everything is driven by a seeded RNG and explicit time: no sleeps, no threads.
 //!
 //! Simplifications: a device acts on an offer only the first time it sees that offer's seq (a
@@ -40,6 +43,11 @@ pub struct Behaviour {
     /// Mean latency multiplier and bad resets per window.
     pub latency: f64,
     pub resets: f64,
+    /// Extra share of the predictions going to class 0 (a model biased towards it).
+    pub class_skew: f64,
+    /// Added to the device's drift score (a model whose preprocessing no longer matches its
+    /// monitoring profile).
+    pub drift: f64,
 }
 
 impl Behaviour {
@@ -51,6 +59,8 @@ impl Behaviour {
             revert: 0.0,
             latency: 1.0,
             resets: 0.0,
+            class_skew: 0.0,
+            drift: 0.0,
         }
     }
 }
@@ -71,6 +81,13 @@ pub struct FleetConfig {
     pub dead_share: f64,
     pub window_ms: i64,
     pub labels_per_window: u64,
+    /// Predictions per device and window with their class counts (0: none reported).
+    pub predictions_per_window: u64,
+    /// Per-device variation of the class mix: each class's share times `exp(u)`, `u`
+    /// uniform in `[-spread, spread]`.
+    pub class_spread: f64,
+    /// Whether devices report drift scores.
+    pub drift_scores: bool,
     pub duplicate_prob: f64,
     /// Largest network delay of a report.
     pub max_net_delay_ms: i64,
@@ -90,6 +107,9 @@ impl FleetConfig {
             dead_share: 0.01,
             window_ms: 10 * MINUTE_MS,
             labels_per_window: 50,
+            predictions_per_window: 200,
+            class_spread: 0.5,
+            drift_scores: true,
             duplicate_prob: 0.1,
             max_net_delay_ms: 2 * MINUTE_MS,
             old: Behaviour::good(1, 0.90),
@@ -122,7 +142,13 @@ pub struct SimDevice {
     pub installing: Option<(String, u32)>,
     /// Last time the running version changed.
     pub switched_ms: i64,
+    /// The class mix of the device's environment (shares summing to 1) and its drift level.
+    pub class_mix: Vec<f64>,
+    pub drift_level: f64,
 }
+
+/// The fleet's class prior (ten classes).
+pub const CLASS_PRIOR: [f64; 10] = [0.2, 0.15, 0.12, 0.1, 0.1, 0.09, 0.08, 0.07, 0.05, 0.04];
 
 impl SimDevice {
     fn info(&self) -> DeviceInfo {
@@ -143,6 +169,9 @@ pub struct Fleet {
     pub config: FleetConfig,
     pub devices: Vec<SimDevice>,
     pub rng: SmallRng,
+    /// Class counts and drift scores come from their own generator, so the rest of the
+    /// simulation draws the same numbers with or without them.
+    pub class_rng: SmallRng,
     /// The broker's retained offers per device.
     pub retained: BTreeMap<String, (String, u32)>,
     /// Reports in flight: (arrival, report).
@@ -157,6 +186,7 @@ pub struct Fleet {
 impl Fleet {
     pub fn new(config: FleetConfig) -> Self {
         let mut rng = SmallRng::seed_from_u64(config.seed);
+        let mut class_rng = SmallRng::seed_from_u64(config.seed ^ 0x5eed_c1a5);
         let mut devices = Vec::with_capacity(config.devices);
         for i in 0..config.devices {
             let hw = if rng.random_bool(config.target_hw_share) {
@@ -194,6 +224,8 @@ impl Fleet {
                 script: Vec::new(),
                 installing: None,
                 switched_ms: i64::MIN,
+                class_mix: class_mix(&mut class_rng, config.class_spread),
+                drift_level: class_rng.random_range(0.02..0.06),
             });
         }
         let mut behaviours = BTreeMap::new();
@@ -207,6 +239,7 @@ impl Fleet {
             config,
             devices,
             rng,
+            class_rng,
             retained: BTreeMap::new(),
             network: Vec::new(),
             sent: Vec::new(),
@@ -377,6 +410,19 @@ impl Fleet {
             let estimate = (acc + rng.random_range(-0.02..0.02)).clamp(0.0, 1.0);
             let latency = lat * rng.random_range(0.95..1.05);
             let resets = u64::from(rng.random_bool(resets_p.clamp(0.0, 1.0)));
+            let crng = &mut self.class_rng;
+            let predicted_classes = if self.config.predictions_per_window > 0 {
+                let skew = b.class_skew.clamp(0.0, 1.0);
+                let mut p: Vec<f64> = d.class_mix.iter().map(|x| x * (1.0 - skew)).collect();
+                p[0] += skew;
+                multinomial(crng, self.config.predictions_per_window, &p)
+            } else {
+                Vec::new()
+            };
+            let drift_score = self
+                .config
+                .drift_scores
+                .then(|| d.drift_level + b.drift + crng.random_range(0.0..0.02));
             out.push(QualityObservation {
                 device: id,
                 window_start_ms: start,
@@ -386,11 +432,60 @@ impl Fleet {
                 estimated_accuracy: Some(estimate),
                 mean_latency_us: Some(latency),
                 resets,
+                predicted_classes,
+                drift_score,
             });
         }
         let _ = end;
         out
     }
+}
+
+/// A device's class mix: [`CLASS_PRIOR`] with each share times `exp(u)`, `u` uniform in
+/// `[-spread, spread]`, normalised.
+fn class_mix(rng: &mut SmallRng, spread: f64) -> Vec<f64> {
+    let mut p: Vec<f64> = CLASS_PRIOR
+        .iter()
+        .map(|&p| {
+            let u = if spread > 0.0 {
+                rng.random_range(-spread..spread)
+            } else {
+                0.0
+            };
+            p * u.exp()
+        })
+        .collect();
+    let sum: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= sum);
+    p
+}
+
+/// Multinomial counts of `n` draws over `p`, by conditional binomials in their normal
+/// approximation (Box-Muller), rounded and clamped: ten normal draws instead of `n`
+/// categorical ones.
+fn multinomial(rng: &mut SmallRng, n: u64, p: &[f64]) -> Vec<u64> {
+    let mut out = vec![0u64; p.len()];
+    let (mut left, mut mass) = (n, p.iter().sum::<f64>());
+    for (j, &pj) in p.iter().enumerate() {
+        if left == 0 || mass <= 0.0 {
+            break;
+        }
+        if j + 1 == p.len() {
+            out[j] = left;
+            break;
+        }
+        let q = (pj / mass).clamp(0.0, 1.0);
+        let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        let nf = left as f64;
+        let x = (nf * q + z * (nf * q * (1.0 - q)).sqrt())
+            .round()
+            .clamp(0.0, nf) as u64;
+        out[j] = x;
+        left -= x;
+        mass -= pj;
+    }
+    out
 }
 
 /// One entry of the shell's log: what the engine asked for and recorded.
@@ -507,6 +602,10 @@ impl Harness {
         let n = to_cbor(&self.rollout, &mut buf).expect("serialise");
         let back: Rollout = from_cbor(&buf[..n]).expect("deserialise");
         assert_eq!(back, self.rollout, "serde round trip");
+        // The service keeps it as JSON: that must read back exactly too.
+        let json = serde_json::to_string(&self.rollout).expect("json");
+        let from_json: Rollout = serde_json::from_str(&json).expect("json back");
+        assert_eq!(from_json, self.rollout, "JSON round trip");
         self.rollout = back;
         let before = std::mem::take(&mut self.fleet.retained);
         for o in self.rollout.offers_in_force() {
