@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod config;
 mod demo;
 mod devices;
+mod ops;
 mod ota_bridge;
 mod rollouts;
 mod serve;
@@ -45,6 +46,18 @@ enum Command {
     /// Simulated devices (the real device client and installer) against any MQTT broker:
     /// scenarios with known ground truth, or load.
     Simulate(simulate::SimulateArgs),
+    /// Alerts and silences through the API.
+    Alerts {
+        #[command(flatten)]
+        api: devices::ApiArgs,
+        #[command(subcommand)]
+        command: ops::AlertCommand,
+    },
+    /// OTA signing keys: list the trusted ones (API), generate one for rotation.
+    Keys {
+        #[command(subcommand)]
+        command: ops::KeyCommand,
+    },
     /// Provision, list, show and revoke devices through the API.
     Device {
         #[command(flatten)]
@@ -216,6 +229,8 @@ fn main() -> ExitCode {
         Command::Serve { config, data_dir } => run_serve(config.as_deref(), data_dir),
         Command::Config { command } => config::run_command(command),
         Command::Simulate(args) => simulate::run(args),
+        Command::Alerts { api, command } => ops::alerts(&api, command),
+        Command::Keys { command } => ops::keys(command),
         Command::Device { api, command } => devices::run(&api, command),
         Command::Model { api, command } => devices::model(&api, command),
         Command::Rollout { api, command } => rollouts::run(&api, command),

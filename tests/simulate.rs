@@ -108,6 +108,57 @@ fn a_shift_on_one_cohort_and_feature_is_alerted_there_only() {
         }
     }
     assert!(!drifted.is_empty());
+
+    // The operator's view from a terminal: the alert, a silence for it, the trusted keys.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tinyfleet"))
+            .args(args)
+            .env("TINYFLEET_API", &server.api)
+            .env("TINYFLEET_TOKEN", TOKEN)
+            .output()
+            .expect("tinyfleet");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = cli(&["alerts", "list", "--state", "firing"]);
+    assert!(
+        listed.lines().any(|l| l.contains("FeatureDrift")
+            && l.contains("kws-stm32l4@1.0")
+            && l.contains("(f5)")),
+        "{listed}"
+    );
+    let created = cli(&[
+        "alerts",
+        "silence",
+        "--match",
+        "alertname=FeatureDrift",
+        "--match",
+        "scope=~kws-stm32l4@.*",
+        "--duration",
+        "1h",
+        "--comment",
+        "known: new microphones",
+    ]);
+    assert!(created.starts_with("silence "), "{created}");
+    assert!(cli(&["alerts", "silences"]).contains("known: new microphones"));
+    let keys = cli(&["keys", "list"]);
+    assert!(
+        keys.lines().nth(1).is_some_and(|l| l.contains(" yes ")),
+        "{keys}"
+    );
+    let key_file = dir.path().join("next.key");
+    let generated = cli(&["keys", "generate", key_file.to_str().unwrap()]);
+    assert!(generated.contains("public key"), "{generated}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
     let devices = server.get("/api/v1/devices?limit=100");
     let online = devices["devices"]
         .as_array()

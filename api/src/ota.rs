@@ -125,11 +125,24 @@ pub(crate) async fn offer(
 /// The key devices must trust for offers.
 pub(crate) async fn keys(_caller: Caller, State(s): State<ApiState>) -> impl IntoResponse {
     let signer = s.ota.signer();
-    Json(serde_json::json!([{
+    let mut keys = vec![serde_json::json!({
         "kid": hex::encode(signer.kid()),
         "public_key": hex::encode(signer.public_key()),
         "alg": "EdDSA",
-    }]))
+        "signing": true,
+    })];
+    // Keys devices keep trusting during a rotation (validated hex at startup).
+    for public in &s.ota.config().trusted_keys {
+        if let Ok(Ok(bytes)) = hex::decode(public).map(<[u8; 32]>::try_from) {
+            keys.push(serde_json::json!({
+                "kid": hex::encode(tinyfleet_ota_service::keys::kid_of(&bytes)),
+                "public_key": public,
+                "alg": "EdDSA",
+                "signing": false,
+            }));
+        }
+    }
+    Json(serde_json::Value::Array(keys))
 }
 
 /// `bytes=a-b`, `bytes=a-` or `bytes=-n` against `size`: `Ok(None)` for no (usable) Range,

@@ -67,6 +67,12 @@ pub struct OtaConfig {
     pub max_artifact_bytes: u64,
     /// How often the rollouts re-evaluate their gates, soak times and offer pacing (ms).
     pub rollout_tick_ms: u64,
+    /// The signing key file (a hex Ed25519 seed, 0600); empty: `<data_dir>/ota-signing.key`,
+    /// generated on first start. `tinyfleet keys generate FILE` makes one for a rotation.
+    pub signing_key: String,
+    /// Public keys (hex) devices still trust besides the signing key, listed by
+    /// `GET /api/v1/ota/keys` during a rotation (the previous signing key, a backup key).
+    pub trusted_keys: Vec<String>,
 }
 
 impl Default for OtaConfig {
@@ -76,6 +82,8 @@ impl Default for OtaConfig {
             block_size: delta::DEFAULT_BLOCK_SIZE,
             max_artifact_bytes: 16 * 1024 * 1024,
             rollout_tick_ms: 2000,
+            signing_key: String::new(),
+            trusted_keys: Vec::new(),
         }
     }
 }
@@ -99,6 +107,17 @@ impl OtaConfig {
         }
         if self.max_artifact_bytes == 0 || self.max_artifact_bytes > u64::from(u32::MAX) {
             return Err("ota.max_artifact_bytes must be 1..=4294967295".into());
+        }
+        for (i, k) in self.trusted_keys.iter().enumerate() {
+            let ok = hex::decode(k).is_ok_and(|b| {
+                <[u8; 32]>::try_from(b.as_slice())
+                    .is_ok_and(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).is_ok())
+            });
+            if !ok {
+                return Err(format!(
+                    "ota.trusted_keys[{i}]: not a hex Ed25519 public key (64 hex digits)"
+                ));
+            }
         }
         if !(100..=60_000).contains(&self.rollout_tick_ms) {
             return Err(format!(
@@ -171,7 +190,12 @@ impl Ota {
         config.validate()?;
         let artifacts = Artifacts::open(&data_dir.join("artifacts"))
             .map_err(|e| format!("cannot open {}/artifacts: {e}", data_dir.display()))?;
-        let signer = Signer::load_or_generate(&data_dir.join("ota-signing.key"))?;
+        let key_file = if config.signing_key.is_empty() {
+            data_dir.join("ota-signing.key")
+        } else {
+            Path::new(&config.signing_key).to_owned()
+        };
+        let signer = Signer::load_or_generate(&key_file)?;
         Ok(Self {
             store,
             artifacts,
