@@ -92,6 +92,53 @@ pub enum ModelCommand {
     List { model: String },
 }
 
+/// A request body that draws an upload progress bar on stderr when stderr is a terminal.
+fn with_progress(bytes: Vec<u8>, what: &str) -> reqwest::blocking::Body {
+    use std::io::IsTerminal;
+    let len = bytes.len() as u64;
+    if !std::io::stderr().is_terminal() || len < 64 * 1024 {
+        return reqwest::blocking::Body::from(bytes);
+    }
+    reqwest::blocking::Body::sized(
+        Progress {
+            inner: std::io::Cursor::new(bytes),
+            len,
+            shown: u64::MAX,
+            what: what.to_owned(),
+        },
+        len,
+    )
+}
+
+/// Reads through to `inner`, redrawing `[#####     ] 48% file` at each whole percent.
+struct Progress {
+    inner: std::io::Cursor<Vec<u8>>,
+    len: u64,
+    shown: u64,
+    what: String,
+}
+
+impl std::io::Read for Progress {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let pct = self.inner.position() * 100 / self.len.max(1);
+        if pct != self.shown {
+            self.shown = pct;
+            let bar = (pct / 5) as usize;
+            eprint!(
+                "\r[{}{}] {pct:>3}% {}",
+                "#".repeat(bar),
+                " ".repeat(20 - bar),
+                self.what
+            );
+            if pct == 100 {
+                eprintln!();
+            }
+        }
+        Ok(n)
+    }
+}
+
 pub(crate) fn url_segment(s: &str) -> Result<&str, String> {
     if s.is_empty() || s.contains(['/', '?', '#', '%', '&']) {
         Err(format!("{s:?} cannot be used in a URL path"))
@@ -131,7 +178,7 @@ pub fn model(api: &ApiArgs, command: ModelCommand) -> Result<(), String> {
                         ("arena", arena.to_string()),
                     ])
                     .header("content-type", "application/octet-stream")
-                    .body(bytes),
+                    .body(with_progress(bytes, &file.display().to_string())),
                 &api.token,
             )?;
             if let Some(p) = profile {

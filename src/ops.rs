@@ -51,25 +51,13 @@ pub enum KeyCommand {
     },
 }
 
-/// `30s`, `30m`, `2h`, `1d` (or plain seconds) in seconds.
+/// `30m`, `2h`, `1d` in seconds (the rollout commands' durations).
 fn duration_secs(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?}: expected e.g. 30m, 2h or 1d"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("duration {s:?}: the unit must be s, m, h or d")),
-    };
-    n.checked_mul(mult)
+    let ms = crate::rollouts::duration_ms(s)?;
+    u64::try_from(ms / 1000)
+        .ok()
         .filter(|&d| d > 0)
-        .ok_or_else(|| format!("duration {s:?} is out of range"))
+        .ok_or_else(|| format!("duration {s:?}: at least one second"))
 }
 
 /// `name=value`, `name!=value`, `name=~regex`, `name!~regex` as an API matcher.
@@ -254,7 +242,7 @@ mod tests {
         assert_eq!(matcher("scope=~kws@.*").unwrap()["op"], "=~");
         assert_eq!(matcher("device!=d1").unwrap()["op"], "!=");
         assert!(matcher("=x").is_err());
-        assert_eq!(duration_secs("90"), Ok(90));
+        assert_eq!(duration_secs("90s"), Ok(90));
         assert_eq!(duration_secs("30m"), Ok(1800));
         assert_eq!(duration_secs("1d"), Ok(86_400));
         assert!(duration_secs("2w").is_err());

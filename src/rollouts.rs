@@ -58,7 +58,7 @@ pub enum RolloutCommand {
 }
 
 /// `90s`, `10m`, `24h`, `3d`, `500ms` -> milliseconds.
-fn duration_ms(s: &str) -> Result<i64, String> {
+pub(crate) fn duration_ms(s: &str) -> Result<i64, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit())

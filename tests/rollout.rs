@@ -120,6 +120,23 @@ fn fleet_on_v1(server: &Server, v1: &[u8], behaviour: &Behaviour) -> SimFleet {
     fleet
 }
 
+/// `tinyfleet rollout ARGS [--plan FILE]` against `server`; its standard output.
+fn rollout_cli(server: &Server, args: &[&str], plan: Option<&std::path::Path>) -> String {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tinyfleet"));
+    cmd.args(["rollout", "--api", &server.api, "--token", TOKEN])
+        .args(args);
+    if let Some(plan) = plan {
+        cmd.arg("--plan").arg(plan);
+    }
+    let out = cmd.output().expect("tinyfleet rollout");
+    assert!(
+        out.status.success(),
+        "rollout {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn rollout(server: &Server, id: &str) -> Value {
     server.get(&format!("/api/v1/rollouts/{id}"))
 }
@@ -142,7 +159,27 @@ fn a_healthy_model_reaches_the_whole_fleet_in_stages() {
     let server = Server::start(&dir.path().join("data"), "[ota]\nrollout_tick_ms = 200");
     let mut fleet = healthy_fleet(&server, dir.path());
 
-    start_healthy_rollout(&server, 500);
+    // Started from the CLI, as an operator would.
+    let plan = dir.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        r#"{ "install": { "min_done": 5 }, "quality": { "required": false } }"#,
+    )
+    .unwrap();
+    let started = rollout_cli(
+        &server,
+        &[
+            "start",
+            "kws",
+            "2.0",
+            "--id",
+            "kws-2",
+            "--stages",
+            "25:5:500ms,100:0:500ms",
+        ],
+        Some(&plan),
+    );
+    assert!(started.contains("kws-2"), "{started}");
     let (status, again) = server.post(
         "/api/v1/rollouts",
         TOKEN,
@@ -161,6 +198,8 @@ fn a_healthy_model_reaches_the_whole_fleet_in_stages() {
         confirmed.insert(e.device);
     }
     assert_completed_on_v2(&server);
+    let shown = rollout_cli(&server, &["status", "kws-2"], None);
+    assert!(shown.contains("completed"), "{shown}");
 
     // The audit log names what moved the rollout.
     let audit = server.get("/api/v1/rollouts/kws-2/audit");

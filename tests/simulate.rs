@@ -12,11 +12,11 @@ use support::{Server, TOKEN, wait_for};
 use tinyfleet_drift::profile::{BuildOptions, build_profile};
 use tinyfleet_sim::WindowData;
 
-#[test]
-fn a_shift_on_one_cohort_and_feature_is_alerted_there_only() {
-    let dir = tempfile::tempdir().unwrap();
+/// A server with `kws-nrf52840` and `kws-stm32l4` 1.0 registered, each with a profile fitted
+/// to the simulator's reference data.
+fn server_with_models(dir: &std::path::Path) -> Server {
     let server = Server::start_with(
-        &dir.path().join("data"),
+        &dir.join("data"),
         "window_secs = 2\ncheckpoint_ms = 200",
         "[monitor]\ngrace_secs = 0\ntick_ms = 100\n[drift]\nmin_inferences = 300",
     );
@@ -52,7 +52,12 @@ fn a_shift_on_one_cohort_and_feature_is_alerted_there_only() {
         assert!(resp.status().is_success(), "{}", resp.text().unwrap());
     }
 
-    let mut sim = Command::new(env!("CARGO_BIN_EXE_tinyfleet"))
+    server
+}
+
+/// `tinyfleet simulate` with 12 devices on both cohorts, `scenario` on stm32l4 after 3 s.
+fn simulate(server: &Server, scenario: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_tinyfleet"))
         .args(["simulate", "--api", &server.api, "--token", TOKEN, "--mqtt"])
         .arg(server.mqtt.to_string())
         .args([
@@ -62,14 +67,8 @@ fn a_shift_on_one_cohort_and_feature_is_alerted_there_only() {
             "nrf52840,stm32l4",
             "--model",
             "kws-{hw}",
-            "--scenario",
-            "covariate-shift",
             "--cohort",
             "stm32l4",
-            "--feature",
-            "5",
-            "--magnitude",
-            "1.5",
             "--after-secs",
             "3",
             "--interval-ms",
@@ -77,25 +76,44 @@ fn a_shift_on_one_cohort_and_feature_is_alerted_there_only() {
             "--duration-secs",
             "60",
         ])
+        .args(scenario)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("tinyfleet simulate");
+        .expect("tinyfleet simulate")
+}
 
-    let drifted = wait_for(
-        "FeatureDrift on the shifted cohort",
-        Duration::from_secs(60),
-        || {
-            let alerts = server.get("/api/v1/alerts");
-            let firing: Vec<serde_json::Value> = alerts
-                .as_array()?
-                .iter()
-                .filter(|a| a["labels"]["alertname"] == "FeatureDrift" && a["state"] == "firing")
-                .cloned()
-                .collect();
-            (!firing.is_empty()).then_some(firing)
-        },
+/// The firing alerts named `alertname`, once there is one.
+fn firing(server: &Server, alertname: &str) -> Vec<serde_json::Value> {
+    wait_for(alertname, Duration::from_secs(60), || {
+        let alerts = server.get("/api/v1/alerts");
+        let firing: Vec<serde_json::Value> = alerts
+            .as_array()?
+            .iter()
+            .filter(|a| a["labels"]["alertname"] == alertname && a["state"] == "firing")
+            .cloned()
+            .collect();
+        (!firing.is_empty()).then_some(firing)
+    })
+}
+
+#[test]
+fn a_shift_on_one_cohort_and_feature_is_alerted_there_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_models(dir.path());
+    let mut sim = simulate(
+        &server,
+        &[
+            "--scenario",
+            "covariate-shift",
+            "--feature",
+            "5",
+            "--magnitude",
+            "1.5",
+        ],
     );
+
+    let drifted = firing(&server, "FeatureDrift");
     // Wait two more windows for anything spurious to show up too.
     std::thread::sleep(Duration::from_secs(4));
     let alerts = server.get("/api/v1/alerts");
@@ -167,6 +185,63 @@ fn a_shift_on_one_cohort_and_feature_is_alerted_there_only() {
         .filter(|d| d["online"] == true)
         .count();
     assert_eq!(online, 12);
+    let _ = sim.kill();
+    let _ = sim.wait();
+    server.stop();
+}
+
+/// A sensor stuck at one value on one cohort is a `SensorFault` of that feature, not a drift of
+/// the others.
+#[test]
+fn a_broken_sensor_is_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_models(dir.path());
+    let mut sim = simulate(&server, &["--scenario", "broken-sensor", "--feature", "2"]);
+    let faults = firing(&server, "SensorFault");
+    for a in &faults {
+        assert_eq!(a["labels"]["feature"], "f2", "{a}");
+        let at = a["labels"]["scope"].as_str().unwrap_or("");
+        assert!(at.starts_with("kws-stm32l4@1.0"), "{a}");
+    }
+    let _ = sim.kill();
+    let _ = sim.wait();
+    server.stop();
+}
+
+/// Concept drift: inputs and confidences unchanged, labels disagree: only labelled accuracy
+/// can see it, and it does, on the right cohort.
+#[test]
+fn concept_drift_shows_in_labelled_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_models(dir.path());
+    let mut sim = simulate(
+        &server,
+        &[
+            "--scenario",
+            "concept-drift",
+            "--magnitude",
+            "0.4",
+            "--labelled",
+            "50",
+        ],
+    );
+    let drops = firing(&server, "AccuracyDrop");
+    assert!(
+        drops.iter().all(|a| a["labels"]["scope"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("kws-stm32l4@1.0")),
+        "{drops:?}"
+    );
+    let alerts = server.get("/api/v1/alerts");
+    assert!(
+        !alerts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["labels"]["alertname"] == "FeatureDrift"),
+        "inputs did not move: {alerts}"
+    );
     let _ = sim.kill();
     let _ = sim.wait();
     server.stop();
