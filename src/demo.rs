@@ -552,22 +552,37 @@ async fn narrate(
                     }
                 }
                 let alerts = api.get("/api/v1/alerts").await?;
-                for a in alerts.as_array().into_iter().flatten() {
-                    let label = |k: &str| a["labels"][k].as_str().unwrap_or("").to_owned();
-                    // Cohort-level findings only (per-device ones would flood the story).
-                    let scope = label("scope");
-                    if scope.is_empty() || !label("device").is_empty() {
+                let alerts = alerts.as_array().cloned().unwrap_or_default();
+                let label = |a: &Value, k: &str| a["labels"][k].as_str().unwrap_or("").to_owned();
+                // The story follows model-level findings; the same finding on the model's
+                // hardware and tag cohorts is mentioned, not repeated.
+                for a in &alerts {
+                    let scope = label(a, "scope");
+                    if scope.is_empty() || scope.contains('/') {
                         continue;
                     }
-                    let feature = label("feature");
+                    let (name, feature) = (label(a, "alertname"), label(a, "feature"));
                     let key = format!(
-                        "{} on {scope}{}",
-                        label("alertname"),
+                        "{name} on {scope}{}",
                         if feature.is_empty() { String::new() } else { format!(", feature {feature}") }
                     );
+                    let also = alerts
+                        .iter()
+                        .filter(|b| {
+                            label(b, "alertname") == name
+                                && label(b, "feature") == feature
+                                && label(b, "scope").starts_with(&format!("{scope}/"))
+                                && b["state"] == a["state"]
+                        })
+                        .count();
                     match a["state"].as_str() {
                         Some("firing") if seen_alerts.insert(key.clone()) => {
-                            say.say(format!("ALERT firing: {key}"));
+                            let extra = if also > 0 {
+                                format!(" (and on {also} of its hardware and tag cohorts)")
+                            } else {
+                                String::new()
+                            };
+                            say.say(format!("ALERT firing: {key}{extra}"));
                         }
                         Some("resolved") if seen_alerts.contains(&key) && resolved_alerts.insert(key.clone()) => {
                             say.say(format!("Alert resolved: {key}"));

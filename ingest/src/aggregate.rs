@@ -101,14 +101,18 @@ pub struct HealthAgg {
 pub struct WindowAgg {
     pub summaries: u64,
     pub inferences: u64,
-    /// Model sequence number of the profile the summaries used (the newest seen).
+    /// Model sequence number of the profile whose bins the histograms hold (the first
+    /// summary's). Summaries binned with another profile (a device that switched models in the
+    /// middle of the window) count in `shape_mismatches` and stay out of the histograms, so a
+    /// window never mixes two models' bins.
     pub profile: Option<u32>,
     pub features: Vec<FeatureAgg>,
     pub classes: Vec<u64>,
     pub confidence: Vec<Vec<u64>>,
     pub latency: HistAgg,
     pub confusion: Vec<Vec<u64>>,
-    /// Summaries whose shape differed from the window's first one (not merged into histograms).
+    /// Summaries whose shape or profile differed from the window's first one (not merged into
+    /// histograms).
     pub shape_mismatches: u64,
     pub health: HealthAgg,
     /// Summaries lost in transit (sequence gaps), net of late arrivals.
@@ -119,6 +123,7 @@ impl WindowAgg {
     fn shape_matches(&self, s: &DecodedSummary) -> bool {
         self.summaries == 0
             || (self.features.len() == s.features.len()
+                && self.profile.is_none_or(|p| p == s.profile)
                 && self
                     .features
                     .first()
@@ -146,7 +151,8 @@ impl WindowAgg {
     /// So a summary's shape is compared with the window's by feature count only (as `merge`
     /// does); histograms of other lengths add element-wise, growing where longer.
     pub fn merge_summary(&mut self, s: &DecodedSummary, new_boot: bool, lost: i64) {
-        if self.summaries > 0 && self.features.len() != s.features.len() {
+        let profile_differs = self.profile.is_some_and(|p| p != s.profile);
+        if self.summaries > 0 && (self.features.len() != s.features.len() || profile_differs) {
             self.shape_mismatches += 1;
         } else {
             self.add_counts(s);
@@ -183,7 +189,7 @@ impl WindowAgg {
     fn add_totals(&mut self, s: &DecodedSummary, new_boot: bool) {
         self.summaries += 1;
         self.inferences += s.inferences();
-        self.profile = Some(self.profile.map_or(s.profile, |p| p.max(s.profile)));
+        self.profile = self.profile.or(Some(s.profile));
         let h = &mut self.health;
         if let Some(mv) = s.health.battery_mv {
             h.battery_min_mv = Some(h.battery_min_mv.map_or(mv, |m| m.min(mv)));
@@ -211,7 +217,11 @@ impl WindowAgg {
 
     /// Adds another window's aggregate into this one.
     pub fn merge(&mut self, o: &WindowAgg) {
-        if self.summaries > 0 && o.summaries > 0 && self.features.len() != o.features.len() {
+        let profile_differs = matches!((self.profile, o.profile), (Some(a), Some(b)) if a != b);
+        if self.summaries > 0
+            && o.summaries > 0
+            && (self.features.len() != o.features.len() || profile_differs)
+        {
             self.shape_mismatches += o.summaries;
         } else {
             if self.features.len() < o.features.len() {
@@ -231,7 +241,7 @@ impl WindowAgg {
         }
         self.summaries += o.summaries;
         self.inferences += o.inferences;
-        self.profile = self.profile.max(o.profile);
+        self.profile = self.profile.or(o.profile);
         self.shape_mismatches += o.shape_mismatches;
         self.lost_summaries += o.lost_summaries;
         let (h, oh) = (&mut self.health, &o.health);
@@ -298,6 +308,36 @@ mod tests {
         let len = m.finish_window(1000, None, id, &key, &mut out).unwrap();
         let body = wire::open(Topic::new(id, Kind::Summary).as_str(), &key, &out[..len]).unwrap();
         decode_summary(body).unwrap()
+    }
+
+    #[test]
+    fn a_model_switch_in_the_window_does_not_mix_bins() {
+        let a = summary(1, 200, false);
+        let mut b = summary(2, 300, false);
+        b.profile = 2; // binned with the next model's profile
+        for one_by_one in [true, false] {
+            let mut agg = WindowAgg::default();
+            if one_by_one {
+                agg.merge_summary(&a, false, 0);
+                agg.merge_summary(&b, false, 0);
+            } else {
+                let (mut x, mut y) = (WindowAgg::default(), WindowAgg::default());
+                x.add(&a, false);
+                y.add(&b, false);
+                agg.merge(&x);
+                agg.merge(&y);
+            }
+            assert_eq!(agg.profile, Some(1));
+            assert_eq!(
+                agg.features[0].hist.total(),
+                200,
+                "only the first profile's bins"
+            );
+            assert_eq!(
+                (agg.summaries, agg.inferences, agg.shape_mismatches),
+                (2, 500, 1)
+            );
+        }
     }
 
     #[test]

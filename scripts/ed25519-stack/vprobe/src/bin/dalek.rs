@@ -1,0 +1,5 @@
+#![no_std]
+#![no_main]
+#[path = "../common.rs"]
+mod common;
+probe!(vlib::dalek::verify);
