@@ -119,6 +119,17 @@ fn a_pushed_version_is_offered_signed_and_downloaded_by_range() {
 /// says hello with the new version. Its progress reports reach the device API.
 #[test]
 fn a_device_installs_a_delta_by_mqtt_block_transfer() {
+    install_over_mqtt(false);
+}
+
+/// The same, with the power cut part-way through the download: the device reboots, resumes
+/// from its last flash checkpoint (the retained offer arrives again) and confirms.
+#[test]
+fn an_install_resumes_after_a_power_cut() {
+    install_over_mqtt(true);
+}
+
+fn install_over_mqtt(power_cut: bool) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), "");
     let v1: Vec<u8> = (0..24_000u32)
@@ -145,6 +156,7 @@ fn a_device_installs_a_delta_by_mqtt_block_transfer() {
     };
     let quiet = Behaviour {
         summary_interval: Duration::from_secs(3600),
+        power_loss_in_install: power_cut,
         ..Behaviour::default()
     };
     fleet.add(&server, "mcu-1", "nrf52840", factory, quiet);
@@ -187,6 +199,14 @@ fn a_device_installs_a_delta_by_mqtt_block_transfer() {
     let mut session = operator.connect(server.mqtt);
     session.publish_acked(&[("tf/v1/mcu-1/ota/offer".to_owned(), offer)], true);
 
+    if power_cut {
+        fleet.wait_event("a power cut", minute, |e| {
+            matches!(&e.kind, SimEventKind::PowerLost)
+        });
+        fleet.wait_event("hello after the power cut, still on 1.0", minute, |e| {
+            matches!(&e.kind, SimEventKind::Online { boot: 2, model_version } if model_version == "1.0")
+        });
+    }
     // It reboots into the trial (and says hello with 2.0), then its self-test confirms.
     fleet.wait_event(
         "hello on 2.0",
