@@ -4,9 +4,9 @@
 //! - `/api/v1/...` needs `Authorization: Bearer <token>`; tokens have a role, `read` or
 //!   `operator` (provisioning and revocation need `operator`). Tokens are compared as SHA-256
 //!   digests in constant time and never logged.
-//! - `/metrics`, `/openapi.json` and `/healthz` are open: they carry no fleet data. So is
-//!   `/ota/v1/objects/{sha256}`: devices hold no API token, and they check what they download
-//!   against the digest in a signed manifest.
+//! - `/metrics`, `/openapi.json`, `/healthz` and the web UI's assets (`/`, `/ui/...`) are open:
+//!   they carry no fleet data. So is `/ota/v1/objects/{sha256}`: devices hold no API token,
+//!   and they check what they download against the digest in a signed manifest.
 //! - Store access is synchronous and runs in `spawn_blocking`; handlers never block the runtime.
 //! - Errors are JSON `{"error": "..."}` with the right status: 400 for bad input, 401/403 for
 //!   auth, 404, 409 for conflicts; internal causes are logged, not returned.
@@ -32,6 +32,7 @@ mod monitoring;
 mod openapi;
 mod ota;
 mod rollouts;
+mod ui;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
@@ -218,6 +219,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route("/", get(ui::index))
+        .route("/ui/{file}", get(ui::file))
+        .route("/ui/pages/{file}", get(ui::page))
+        .route("/api/v1/whoami", get(ui::whoami))
+        .route("/api/v1/overview", get(ui::overview))
+        .route("/api/v1/cohorts/drift", get(ui::cohort_drift))
         .route("/api/v1/devices", get(list_devices).post(provision))
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/devices/{id}/revoke", post(revoke))

@@ -279,6 +279,35 @@ pub fn document() -> Value {
                                     "responses": { "200": { "description": "text exposition" } } } },
             "/openapi.json": { "get": { "summary": "this document",
                                          "responses": { "200": { "description": "OpenAPI 3.1" } } } },
+            "/": { "get": { "summary": "the web UI (open; the page asks for an API token)",
+                            "responses": { "200": { "description": "HTML" } } } },
+            "/ui/{file}": { "get": { "summary": "a web UI asset (open, embedded in the binary; revalidated by ETag)",
+                                      "parameters": [{ "name": "file", "in": "path", "required": true, "schema": { "type": "string" } }],
+                                      "responses": { "200": { "description": "the asset" },
+                                                     "304": { "description": "not modified" },
+                                                     "404": { "$ref": "#/components/responses/Error" } } } },
+            "/ui/pages/{file}": { "get": { "summary": "a web UI page module (open, embedded in the binary)",
+                                            "parameters": [{ "name": "file", "in": "path", "required": true, "schema": { "type": "string" } }],
+                                            "responses": { "200": { "description": "the module" },
+                                                           "304": { "description": "not modified" },
+                                                           "404": { "$ref": "#/components/responses/Error" } } } },
+            "/api/v1/whoami": {
+                "get": op("the caller's token name and role: {name, role: read | operator}", json!([]), "200", json!({}))
+            },
+            "/api/v1/overview": {
+                "get": op("the fleet at a glance, aggregated: devices by state (online, offline, unseen, revoked), \
+                           devices per cohort by state with the cohort's latest window health, alerts by state and \
+                           severity with the firing ones (at most 100), drift findings in force, live rollouts",
+                          json!([]), "200", json!({}))
+            },
+            "/api/v1/cohorts/drift": {
+                "get": op("a cohort's drift over the last evaluations: PSI per feature and window, estimated \
+                           accuracy with its band and the observed one, class distribution against the reference, \
+                           findings in force", json!([
+                    q("cohort", "cohort key model_id@model_version/hw (required)", "string"),
+                    q("limit", "evaluations to go back over, 1-200 (24)", "integer")
+                ]), "200", json!({ "400": { "$ref": "#/components/responses/Error" } }))
+            },
             "/api/v1/devices": {
                 "get": op("list devices (cursor paging by id)", json!([
                     q("cohort", "model_id@model_version/hw", "string"),

@@ -20,6 +20,7 @@ mod registry;
 mod rollouts;
 mod schema;
 mod state;
+mod ui_queries;
 
 pub use models::{ModelVersion, PatchRecord};
 pub use monitoring::{DriftInput, OfflineDevice, ProfileInfo, parse_cohort_key};
