@@ -336,7 +336,11 @@ kind = {{ type = "retrain_webhook", url = "http://{retrain_addr}/retrain" }}
         ready.mqtt, api.base
     ));
     say.say(format!(
-        "  try: curl -H 'Authorization: Bearer {token}' {}/api/v1/rollouts",
+        "  dashboard: open {}/ in a browser and sign in with the token above",
+        api.base
+    ));
+    say.say(format!(
+        "  API: curl -H 'Authorization: Bearer {token}' {}/api/v1/rollouts",
         api.base
     ));
     say.say(format!("  data: {}", data_dir.display()));
