@@ -10,6 +10,9 @@ step "toolchain"
 need_apt=()
 command -v readelf >/dev/null || need_apt+=(binutils)
 command -v cc >/dev/null || need_apt+=(gcc)
+# Browser tests (tests/ui.rs) drive Debian's headless Chromium through chromedriver.
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -18,6 +21,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+# The browser tests fail instead of skipping when Chromium is missing.
+export TF_REQUIRE_BROWSER=1
 # Real servers the tests start: VictoriaMetrics speaks InfluxDB's /api/v2/write.
 scripts/ensure-victoria-metrics.sh
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

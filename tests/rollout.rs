@@ -298,6 +298,20 @@ fn a_worse_model_is_stopped_at_the_canary_and_rolled_back() {
         running.iter().filter(|c| *c == "kws@1.0/nrf52840").count(),
         DEVICES - rolled_back
     );
+    // Two reboots (into 2.0, back to 1.0) are not going offline: devices that keep sending
+    // summaries are online, even when rumqttd fires a will for their live connection.
+    wait_for(
+        "every device online after its reboots",
+        Duration::from_secs(10),
+        || {
+            let page = server.get("/api/v1/devices?limit=100");
+            let all_online = page["devices"]
+                .as_array()?
+                .iter()
+                .all(|d| d["online"] == true);
+            all_online.then_some(())
+        },
+    );
     fleet.stop();
     server.stop();
 }

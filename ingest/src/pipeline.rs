@@ -182,6 +182,11 @@ struct DeviceEntry {
     windows: Vec<DeviceWindowAgg>,
     /// Listed in `Pipeline::dirty_devices`.
     listed: bool,
+    /// The newest summary `(boot, seq)` seen when the device's last will was applied (this
+    /// process only). A later summary proves the connection lives on: rumqttd keeps one will
+    /// per client id, so when a device reconnects before the broker has noticed its old
+    /// connection died, the old connection's end fires the *new* connection's will.
+    will_mark: Option<(u32, u32)>,
 }
 
 #[derive(Debug)]
@@ -424,6 +429,10 @@ impl Pipeline {
                     state.presence.hello_boot = Some(w.boot);
                     state.presence.hello_seq = Some(w.seq);
                     set_online(events, state, false, "will", received_ms);
+                    let summaries = kind_index(Kind::Summary)
+                        .and_then(|k| entry.replay[k])
+                        .map_or((0, 0), |r| (r.boot, r.max_seq));
+                    entry.will_mark = Some(summaries);
                 }
             }
             DeviceMessage::Summary(s) => {
@@ -440,10 +449,13 @@ impl Pipeline {
                     state.health_seq = Some(s.seq);
                     state.health_uptime_ms = Some(s.t_end_ms);
                 }
-                if !state.presence.online
-                    && state.presence.offline_reason.as_deref() != Some("will")
-                {
+                // Back online after a timeout; after a will only on proof that the connection
+                // the will claimed ended is alive (a summary newer than any seen before it).
+                let after_will = state.presence.offline_reason.as_deref() == Some("will");
+                let alive = entry.will_mark.is_some_and(|m| (s.boot, s.seq) > m);
+                if !state.presence.online && (!after_will || alive) {
                     set_online(events, state, true, "summary", received_ms);
+                    entry.will_mark = None;
                 }
                 let event_ms = match s.unix_s {
                     Some(u)
@@ -574,6 +586,7 @@ impl Pipeline {
             tag_cohorts: None,
             windows: Vec::new(),
             listed: false,
+            will_mark: None,
         });
         self.slots.insert(device, slot);
         slot

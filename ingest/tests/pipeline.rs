@@ -285,6 +285,17 @@ fn presence_follows_boot_and_seq_not_arrival() {
     assert!(!online(&mut p));
     let state = store.device_state("dev-p").unwrap().unwrap();
     assert_eq!(state.presence.offline_reason.as_deref(), Some("will"));
+    // rumqttd keeps one will per client id: a device that reconnected before the broker noticed
+    // its old connection died gets its *new* connection's will fired. A summary newer than any
+    // seen before the will proves that connection alive; one from before it does not.
+    let s = summaries(&d, 1, 3);
+    assert_eq!(
+        p.handle(&s[0].0, &s[0].1, T0 + 19 * 60_000),
+        Outcome::Dropped(Drop::Duplicate)
+    );
+    assert!(!online(&mut p));
+    p.handle(&s[2].0, &s[2].1, T0 + 19 * 60_000);
+    assert!(online(&mut p), "a newer summary after the will");
 }
 
 fn hello_with(d: &Device, boot: u32, seq: u32, model_version: &str) -> (String, Vec<u8>) {

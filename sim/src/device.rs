@@ -685,18 +685,15 @@ fn dead_events(spec: &DeviceSpec) -> EventLoop {
     AsyncClient::new(opts, 1).1
 }
 
-/// Disconnects cleanly (no will): sends DISCONNECT and drives the connection until it is out.
+/// Disconnects cleanly (no will): sends DISCONNECT and drives the connection until the broker
+/// has closed it, so the next connection (same client id) never overlaps this one: rumqttd
+/// keeps one will per client id, and an overlap can fire the new connection's will.
 async fn close(link: &mut Link) {
     if link.client.try_disconnect().is_err() {
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match link.events.poll().await {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
+        while link.events.poll().await.is_ok() {}
     })
     .await;
 }
