@@ -15,9 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rumqttc::{AsyncClient, QoS};
-use tinyfleet_drift::engine::DeviceWindow;
+use tinyfleet_drift::engine::{DeviceWindow, feature_psi};
 use tinyfleet_drift::profile::MonitoringProfile;
-use tinyfleet_drift::stats::psi;
 use tinyfleet_ingest::aggregate::WindowAgg;
 use tinyfleet_ingest::pipeline::{BlockRequestEvent, BlockRequestHook, Events};
 use tinyfleet_ingest::shell::EventSink;
@@ -319,26 +318,14 @@ pub fn quality_observations(
 }
 
 /// The window's data drift against the version's profile: the mean over features of the PSI
-/// of the feature's bins (underflow and overflow included) against the reference counts.
+/// the drift engine computes for each.
 fn mean_feature_psi(profile: &MonitoringProfile, agg: &WindowAgg) -> Option<f64> {
-    let cells = |bins: &[u64], under: u64, over: u64| {
-        let mut v = Vec::with_capacity(bins.len() + 2);
-        v.push(under);
-        v.extend_from_slice(bins);
-        v.push(over);
-        v
-    };
-    let mut scores = Vec::new();
-    for (reference, current) in profile.features.iter().zip(&agg.features) {
-        let (r, c) = (&reference.hist, &current.hist);
-        if r.counts.len() != c.bins.len() || c.bins.iter().sum::<u64>() == 0 {
-            continue;
-        }
-        scores.push(psi(
-            &cells(&r.counts, r.underflow, r.overflow),
-            &cells(&c.bins, c.underflow, c.overflow),
-        ));
-    }
+    let scores: Vec<f64> = profile
+        .features
+        .iter()
+        .zip(&agg.features)
+        .filter_map(|(reference, current)| feature_psi(&reference.hist, &current.hist))
+        .collect();
     (!scores.is_empty()).then(|| scores.iter().sum::<f64>() / scores.len() as f64)
 }
 

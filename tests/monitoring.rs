@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::io::Write as _;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use support::{Server, TOKEN, Victoria, wait_for};
 use tinyfleet_device::sketch::Edges;
-use tinyfleet_device::testkit::{LATENCY_US, ReferenceProfile, Rng, StreamParams, sample};
+use tinyfleet_device::testkit::{LATENCY_US, ReferenceProfile, StreamParams};
 
 /// One request a receiver got: path, headers, JSON body.
 type Received = (String, HeaderMap, Value);
@@ -68,27 +67,8 @@ fn tinyfleet(args: &[&str]) -> String {
 
 /// A reference data set of the test model: the same generator the devices run, unshifted.
 fn reference_csv(path: &std::path::Path) {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("csv"));
-    writeln!(
-        f,
-        "f0,f1,f2,f3,f4,f5,f6,f7,prediction,confidence,label,latency_us"
-    )
-    .unwrap();
-    let mut rng = Rng::new(99);
-    for _ in 0..8_000 {
-        let s = sample(&mut rng, &StreamParams::default());
-        let features: Vec<String> = s.features.iter().map(|v| v.to_string()).collect();
-        writeln!(
-            f,
-            "{},{},{},{},{}",
-            features.join(","),
-            s.predicted,
-            s.confidence,
-            s.actual,
-            s.latency_us
-        )
-        .unwrap();
-    }
+    let csv = tinyfleet_sim::reference_csv(&tinyfleet_sim::WindowData::default(), 8_000, 99);
+    std::fs::write(path, csv).expect("csv");
 }
 
 /// The device-side edges from a built profile (what firmware would be flashed with).

@@ -479,6 +479,17 @@ fn cells(h: &HistAgg, bins: usize, out: &mut Vec<u64>) {
     out.extend([h.overflow, h.nan]);
 }
 
+/// PSI of a window's feature histogram against the profile's reference, over the cells the
+/// engine tests (underflow, bins, overflow, NaN); `None` when the window has no value.
+pub fn feature_psi(reference: &HistProfile, current: &HistAgg) -> Option<f64> {
+    if current.total() == 0 {
+        return None;
+    }
+    let mut cur = Vec::new();
+    cells(current, reference.counts.len(), &mut cur);
+    Some(stats::psi(&profile_cells(reference), &cur))
+}
+
 fn profile_cells(h: &HistProfile) -> Vec<u64> {
     let mut v = Vec::with_capacity(h.counts.len() + 3);
     v.push(h.underflow);

@@ -35,36 +35,20 @@ fn provision(store: &Store, id: &str, tags: &[(&str, &str)]) -> Device {
     }
 }
 
-fn hello(d: &Device, boot: u32, seq: u32) -> (String, Vec<u8>) {
+/// `msg` sealed by `d` as a `kind` message: `(topic, payload)`.
+fn sealed<T: serde::Serialize>(d: &Device, kind: Kind, msg: &T) -> (String, Vec<u8>) {
     let id = DeviceId::new(&d.id).unwrap();
-    let msg = wire::Hello {
-        boot,
-        seq,
-        fw: "1.0.0",
-        model_id: "kws",
-        model_version: "3",
-        model_seq: 3,
-        hw: "nrf52840",
-        caps: 0,
-        reset: wire::reset::POWER_ON,
-        unix_s: None,
-    };
     let mut out = [0u8; 256];
-    let n = wire::seal(id, &d.key, Kind::Hello, &msg, &mut out).unwrap();
-    (
-        Topic::new(id, Kind::Hello).as_str().to_owned(),
-        out[..n].to_vec(),
-    )
+    let n = wire::seal(id, &d.key, kind, msg, &mut out).unwrap();
+    (Topic::new(id, kind).as_str().to_owned(), out[..n].to_vec())
+}
+
+fn hello(d: &Device, boot: u32, seq: u32) -> (String, Vec<u8>) {
+    hello_with(d, boot, seq, "3")
 }
 
 fn will(d: &Device, boot: u32, seq: u32) -> (String, Vec<u8>) {
-    let id = DeviceId::new(&d.id).unwrap();
-    let mut out = [0u8; 64];
-    let n = wire::seal(id, &d.key, Kind::Will, &wire::Will { boot, seq }, &mut out).unwrap();
-    (
-        Topic::new(id, Kind::Will).as_str().to_owned(),
-        out[..n].to_vec(),
-    )
+    sealed(d, Kind::Will, &wire::Will { boot, seq })
 }
 
 /// `count` summaries of boot `boot`, 50 inferences each.
@@ -299,7 +283,6 @@ fn presence_follows_boot_and_seq_not_arrival() {
 }
 
 fn hello_with(d: &Device, boot: u32, seq: u32, model_version: &str) -> (String, Vec<u8>) {
-    let id = DeviceId::new(&d.id).unwrap();
     let msg = wire::Hello {
         boot,
         seq,
@@ -312,12 +295,7 @@ fn hello_with(d: &Device, boot: u32, seq: u32, model_version: &str) -> (String, 
         reset: wire::reset::POWER_ON,
         unix_s: None,
     };
-    let mut out = [0u8; 256];
-    let n = wire::seal(id, &d.key, Kind::Hello, &msg, &mut out).unwrap();
-    (
-        Topic::new(id, Kind::Hello).as_str().to_owned(),
-        out[..n].to_vec(),
-    )
+    sealed(d, Kind::Hello, &msg)
 }
 
 /// Which windows a summary lands in, and what they hold: the device window keeps the cohort it
@@ -423,13 +401,6 @@ fn verify_then_apply_is_handle() {
     );
     assert_eq!(p.metrics().accepted("summary"), 2);
     assert_eq!(p.metrics().rejected("malformed"), 1);
-}
-
-fn sealed<T: serde::Serialize>(d: &Device, kind: Kind, msg: &T) -> (String, Vec<u8>) {
-    let id = DeviceId::new(&d.id).unwrap();
-    let mut out = [0u8; 256];
-    let n = wire::seal(id, &d.key, kind, msg, &mut out).unwrap();
-    (Topic::new(id, kind).as_str().to_owned(), out[..n].to_vec())
 }
 
 #[test]

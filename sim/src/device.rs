@@ -196,6 +196,7 @@ pub fn reference_csv(data: &WindowData, rows: usize, seed: u64) -> String {
     }
     out
 }
+
 /// Whether the self-test passes: `(hardware, model version) -> pass`.
 pub type SelfTestFn = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 /// The bin edges a model version's monitor uses (they ship with the model).
