@@ -14,6 +14,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod lock;
 mod models;
 mod monitoring;
 mod registry;
@@ -22,6 +23,7 @@ mod schema;
 mod state;
 mod ui_queries;
 
+pub use lock::ExclusiveGuard;
 pub use models::{ModelVersion, PatchRecord};
 pub use monitoring::{DriftInput, OfflineDevice, ProfileInfo, parse_cohort_key};
 pub use registry::{Credentials, DeviceRecord, Registry};

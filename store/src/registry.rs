@@ -2,12 +2,16 @@
 //!
 //! A device gets two secrets, once, at provisioning: an MQTT password (checked by the broker at
 //! CONNECT) and a 32-byte message key (for the COSE_Mac0 tag on every message it sends).
-//! - The password is stored only as `SHA-256(salt || password)`. It is 32 random bytes, so a
-//!   fast hash is safe (there is nothing to brute-force), and CONNECT storms stay cheap.
+//! - The password is derived as `hex(HMAC-SHA256(master, "tinyfleet/mqtt/v1/" || id || "/" ||
+//!   epoch))` and stored only as `SHA-256(salt || password)`. It has 256 bits of entropy, so a
+//!   fast hash is safe (there is nothing to brute-force), and CONNECT storms stay cheap. Being
+//!   derived, it can be handed to an external broker's password file at any time
+//!   ([`Registry::broker_passwords`]) without ever being stored. Devices provisioned before
+//!   passwords were derived keep their random password and cannot be exported.
 //! - The message key is never stored: it is derived as
 //!   `HMAC-SHA256(master, "tinyfleet/mac/v1/" || id || "/" || epoch)` from the master key in
 //!   `<data dir>/master.key` (created with mode 0600). Losing that file invalidates every
-//!   device's message key; back it up with the database.
+//!   device's message key and password; back it up with the database.
 //!
 //! Lookups on the hot paths (broker auth, ingest verify) read an in-memory map kept in step with
 //! the table under one lock; they never touch SQLite.
@@ -59,6 +63,7 @@ struct Entry {
     record: DeviceRecord,
     salt: [u8; 16],
     password_hash: [u8; 32],
+    epoch: i64,
     key: DeviceKey,
 }
 
@@ -87,17 +92,26 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn derive_key(master: &[u8; 32], id: &str, epoch: i64) -> DeviceKey {
+/// `HMAC-SHA256(master, label || id || "/" || epoch)`: one device secret per label.
+fn derive(master: &[u8; 32], label: &[u8], id: &str, epoch: i64) -> [u8; 32] {
     let mut mac = match <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(master) {
         Ok(mac) => mac,
         // HMAC takes keys of any length.
-        Err(_) => return DeviceKey([0; 32]),
+        Err(_) => return [0; 32],
     };
-    mac.update(b"tinyfleet/mac/v1/");
+    mac.update(label);
     mac.update(id.as_bytes());
     mac.update(b"/");
     mac.update(epoch.to_string().as_bytes());
-    DeviceKey(mac.finalize().into_bytes().into())
+    mac.finalize().into_bytes().into()
+}
+
+fn derive_key(master: &[u8; 32], id: &str, epoch: i64) -> DeviceKey {
+    DeviceKey(derive(master, b"tinyfleet/mac/v1/", id, epoch))
+}
+
+fn derive_password(master: &[u8; 32], id: &str, epoch: i64) -> String {
+    hex::encode(derive(master, b"tinyfleet/mqtt/v1/", id, epoch))
 }
 
 /// Reads `<dir>/master.key`, creating it (mode 0600) with 32 random bytes if absent.
@@ -158,6 +172,7 @@ impl Registry {
                 let entry = Entry {
                     salt: salt.try_into().map_err(|_| corrupt("salt"))?,
                     password_hash: hash.try_into().map_err(|_| corrupt("password hash"))?,
+                    epoch,
                     key: derive_key(&master, &id, epoch),
                     record: DeviceRecord {
                         id: id.clone(),
@@ -179,11 +194,9 @@ impl Registry {
     /// Registers a device and returns its secrets (the only time they exist in the clear).
     pub fn provision(&self, id: &str, tags: BTreeMap<String, String>) -> Result<Credentials> {
         DeviceId::new(id).map_err(|_| StoreError::BadDeviceId(id.to_owned()))?;
-        let mut password = [0u8; 32];
         let mut salt = [0u8; 16];
-        rand::rng().fill_bytes(&mut password);
         rand::rng().fill_bytes(&mut salt);
-        let password = hex::encode(password);
+        let password = derive_password(&self.master, id, 0);
         let hash = hash_password(&salt, password.as_bytes());
         let created_ms = now_ms();
         let tags_json = serde_json::to_string(&tags).map_err(|e| StoreError::Corrupt {
@@ -212,6 +225,7 @@ impl Registry {
                 },
                 salt,
                 password_hash: hash,
+                epoch: 0,
                 key,
             },
         );
@@ -256,6 +270,32 @@ impl Registry {
             .get(id)
             .filter(|e| e.record.revoked_ms.is_none())
             .map(|e| e.key.clone())
+    }
+
+    /// The CONNECT password of every active device, for an external broker's password file
+    /// (hashed there again, e.g. Mosquitto's PBKDF2). Devices whose stored hash does not match
+    /// the derived password (provisioned before passwords were derived) are left out and
+    /// counted in the second value: re-provision them to move them to an external broker.
+    pub fn broker_passwords(&self) -> (Vec<(String, String)>, usize) {
+        let devices = read(&self.devices);
+        let mut out = Vec::with_capacity(devices.len());
+        let mut legacy = 0;
+        for (id, e) in devices.iter() {
+            if e.record.revoked_ms.is_some() {
+                continue;
+            }
+            let password = derive_password(&self.master, id, e.epoch);
+            if ct_eq(
+                &hash_password(&e.salt, password.as_bytes()),
+                &e.password_hash,
+            ) {
+                out.push((id.clone(), password));
+            } else {
+                legacy += 1;
+            }
+        }
+        out.sort();
+        (out, legacy)
     }
 
     pub fn get(&self, id: &str) -> Option<DeviceRecord> {
@@ -304,6 +344,10 @@ mod tests {
         assert!(!reg.check_password("dev-1", "wrong"));
         assert!(!reg.check_password("dev-2", &creds.mqtt_password));
         assert_eq!(
+            reg.broker_passwords(),
+            (vec![("dev-1".to_owned(), creds.mqtt_password.clone())], 0)
+        );
+        assert_eq!(
             reg.mac_key("dev-1").map(|k| hex::encode(k.0)),
             Some(creds.mac_key.clone())
         );
@@ -331,6 +375,7 @@ mod tests {
         );
         reg.revoke("dev-1").unwrap();
         assert!(!reg.check_password("dev-1", &creds.mqtt_password));
+        assert_eq!(reg.broker_passwords(), (vec![], 0));
         assert!(reg.mac_key("dev-1").is_none());
         let reg = open(dir.path());
         assert!(reg.mac_key("dev-1").is_none());
