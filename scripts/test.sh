@@ -13,9 +13,15 @@ command -v cc >/dev/null || need_apt+=(gcc)
 # Browser tests (tests/ui.rs) drive Debian's headless Chromium through chromedriver.
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+# The external-broker tests (tests/mosquitto.rs) start Debian's Mosquitto as a process.
+[ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+    # The package starts a system Mosquitto on port 1883, where `tinyfleet demo` listens.
+    if [[ " ${need_apt[*]} " == *" mosquitto "* ]]; then
+      systemctl disable --now mosquitto >/dev/null 2>&1 || true
+    fi
   else
     echo "missing ${need_apt[*]}: run as root or install them" >&2
     exit 1
@@ -23,6 +29,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 # The browser tests fail instead of skipping when Chromium is missing.
 export TF_REQUIRE_BROWSER=1
+export TF_REQUIRE_MOSQUITTO=1
 # Real servers the tests start: VictoriaMetrics speaks InfluxDB's /api/v2/write.
 scripts/ensure-victoria-metrics.sh
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

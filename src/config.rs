@@ -69,6 +69,8 @@ pub fn run_command(command: ConfigCommand) -> Result<(), String> {
 pub struct Config {
     /// Where the database, the master key and the API token live.
     pub data_dir: PathBuf,
+    /// What this process runs: everything, or only ingest (a replica of a scaled-out setup).
+    pub role: ServeRole,
     /// The embedded MQTT broker; on (with defaults) unless `[mqtt]` names an external broker.
     pub broker: Option<BrokerConfig>,
     /// An external broker (Mosquitto, EMQX) instead of the embedded one.
@@ -93,6 +95,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("tinyfleet-data"),
+            role: ServeRole::All,
             broker: None,
             mqtt: None,
             ingest: IngestConfig::default(),
@@ -105,6 +108,18 @@ impl Default for Config {
             ota: tinyfleet_ota_service::OtaConfig::default(),
         }
     }
+}
+
+/// What one `serve` process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServeRole {
+    /// Broker or broker client, ingest, monitor, OTA, rollouts and the whole API.
+    All,
+    /// Ingest only (plus OTA block answers, `/healthz` and `/metrics` on `[api] listen`): one of
+    /// several replicas splitting an external broker's `$share/...` subscription and writing a
+    /// shared store (`[ingest] shared_store`). Exactly one `all` process runs beside them.
+    Ingest,
 }
 
 /// How ingest reaches an external broker.
@@ -121,6 +136,14 @@ pub struct MqttConfig {
     pub client_id: String,
     /// Replicas with the same group split the messages (`$share/{group}/...`).
     pub share_group: Option<String>,
+    /// Mosquitto: keep this password file (`password_file` in mosquitto.conf) holding every
+    /// active device's credentials (PBKDF2-SHA512, Mosquitto's `$7$` format) and this
+    /// service's user; rewritten atomically whenever devices are provisioned or revoked.
+    pub password_file: Option<PathBuf>,
+    /// Run after each rewrite of `password_file` so the broker reloads it (e.g.
+    /// `["systemctl", "reload", "mosquitto"]` or `["pkill", "-HUP", "-x", "mosquitto"]`).
+    #[serde(default)]
+    pub reload_command: Vec<String>,
 }
 
 impl std::fmt::Debug for MqttConfig {
@@ -131,6 +154,8 @@ impl std::fmt::Debug for MqttConfig {
             .field("username", &self.username)
             .field("client_id", &self.client_id)
             .field("share_group", &self.share_group)
+            .field("password_file", &self.password_file)
+            .field("reload_command", &self.reload_command)
             .finish_non_exhaustive()
     }
 }
@@ -165,6 +190,10 @@ pub struct IngestConfig {
     /// the database before acknowledging it. Either way nothing acknowledged is lost.
     pub journal: bool,
     pub checkpoint_ms: u64,
+    /// Other ingest replicas write the same store (several `serve` processes splitting one
+    /// `$share/...` subscription of an external broker): each batch is applied under the
+    /// store's exclusive section with state read fresh. Needs `journal = false`.
+    pub shared_store: bool,
 }
 
 impl Default for IngestConfig {
@@ -178,6 +207,7 @@ impl Default for IngestConfig {
             retention_days: 30,
             journal: true,
             checkpoint_ms: 1000,
+            shared_store: false,
         }
     }
 }
@@ -337,6 +367,15 @@ impl Config {
                 tinyfleet_alerts::redact_url(&self.ota.public_url)
             ));
         }
+        if self.role == ServeRole::Ingest {
+            parts.insert(0, "ingest replica".to_owned());
+        }
+        if self.ingest.shared_store {
+            parts.push("store shared with other ingest replicas".to_owned());
+        }
+        if let Some(file) = self.mqtt.as_ref().and_then(|m| m.password_file.as_ref()) {
+            parts.push(format!("Mosquitto password file {}", file.display()));
+        }
         parts.push(format!("data in {}", self.data_dir.display()));
         parts.join(", ")
     }
@@ -425,6 +464,35 @@ impl Config {
         }
         if i.retention_days == 0 {
             return Err("config [ingest]: retention_days must be at least 1".into());
+        }
+        if i.shared_store {
+            if i.journal {
+                return Err(
+                    "config [ingest]: shared_store needs journal = false (a replica's \
+                     journal holds state the other replicas cannot see)"
+                        .into(),
+                );
+            }
+            if self.mqtt.as_ref().is_none_or(|m| m.share_group.is_none()) {
+                return Err(
+                    "config [ingest]: shared_store needs an external broker with \
+                     [mqtt] share_group, so the replicas split the messages"
+                        .into(),
+                );
+            }
+        }
+        if self.role == ServeRole::Ingest && !i.shared_store {
+            return Err(
+                "config: role = \"ingest\" needs [ingest] shared_store = true (an ingest \
+                 replica writes the store the `all` process reads)"
+                    .into(),
+            );
+        }
+        if let Some(m) = &self.mqtt
+            && m.password_file.is_none()
+            && !m.reload_command.is_empty()
+        {
+            return Err("config [mqtt]: reload_command without password_file".into());
         }
         for t in &self.api.tokens {
             t.to_api_token()?;

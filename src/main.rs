@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod config;
 mod demo;
 mod devices;
+mod mosquitto;
 mod ops;
 mod ota_bridge;
 mod rollouts;
@@ -46,6 +47,11 @@ enum Command {
     /// Simulated devices (the real device client and installer) against any MQTT broker:
     /// scenarios with known ground truth, or load.
     Simulate(simulate::SimulateArgs),
+    /// External broker files: Mosquitto's ACL and configuration settings.
+    Broker {
+        #[command(subcommand)]
+        command: mosquitto::BrokerCommand,
+    },
     /// Alerts and silences through the API.
     Alerts {
         #[command(flatten)]
@@ -228,6 +234,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, data_dir } => run_serve(config.as_deref(), data_dir),
         Command::Config { command } => config::run_command(command),
+        Command::Broker { command } => mosquitto::run_command(command),
         Command::Simulate(args) => simulate::run(args),
         Command::Alerts { api, command } => ops::alerts(&api, command),
         Command::Keys { command } => ops::keys(command),

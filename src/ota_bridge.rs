@@ -193,8 +193,11 @@ pub struct RolloutFeed {
 
 type FeedItem = (Vec<ProgressReport>, Vec<String>);
 
+/// The receiving end of a [`RolloutFeed`].
+pub type RolloutFeedRx = mpsc::UnboundedReceiver<FeedItem>;
+
 impl RolloutFeed {
-    pub fn new() -> (Self, mpsc::UnboundedReceiver<FeedItem>) {
+    pub fn new() -> (Self, RolloutFeedRx) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Self { tx }, rx)
     }

@@ -23,7 +23,8 @@ use tinyfleet_sink_influx::InfluxSink;
 use tinyfleet_store::Store;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::Config;
+use crate::config::{Config, ServeRole};
+use crate::mosquitto::BrokerPasswords;
 use crate::ota_bridge::{self, BlockCounters, MqttOffers, RolloutFeed};
 use tinyfleet_ota_service::service::Rollouts;
 
@@ -149,6 +150,16 @@ pub async fn serve_with(
         (None, None) => return Err("no broker configured".into()),
     };
 
+    // Mosquitto's password file holds the devices before ingest (and devices) connect.
+    let password_file = match config.mqtt.as_ref() {
+        Some(m) if m.password_file.is_some() => Some(
+            BrokerPasswords::start(m, store.registry().clone())
+                .await
+                .map_err(|e| format!("config [mqtt] password_file: {e}"))?,
+        ),
+        _ => None,
+    };
+
     let metrics = Arc::new(Metrics::default());
     let mut pipeline = Pipeline::new(
         PipelineConfig {
@@ -161,6 +172,11 @@ pub async fn serve_with(
                     b.max_payload
                 }),
             collect_events: config.influx.is_some(),
+            replica: config
+                .ingest
+                .shared_store
+                .then(|| config.mqtt.as_ref().map(|m| m.client_id.clone()))
+                .flatten(),
         },
         store.clone(),
         metrics.clone(),
@@ -189,10 +205,15 @@ pub async fn serve_with(
             .journal
             .then(|| data_dir.join("ingest.journal")),
         checkpoint_interval: std::time::Duration::from_millis(config.ingest.checkpoint_ms),
+        shared_store: config.ingest.shared_store,
         ..ShellConfig::default()
     };
+    let all = config.role == ServeRole::All;
     let (rollout_feed, rollout_feed_rx) = RolloutFeed::new();
-    let mut sinks: Vec<Arc<dyn EventSink>> = vec![Arc::new(rollout_feed)];
+    let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
+    if all {
+        sinks.push(Arc::new(rollout_feed));
+    }
     let mut influx = None;
     if let Some(influx_config) = &config.influx {
         let (sink, task) = InfluxSink::spawn(influx_config.clone())
@@ -229,26 +250,6 @@ pub async fn serve_with(
         }
     });
 
-    // The monitor: drift, health and presence -> alerts, retraining triggers, MQTT events.
-    let (deliverer, delivery_task) =
-        Deliverer::spawn(&config.alerts).map_err(|e| format!("config [alerts]: {e}"))?;
-    let alert_mqtt = publisher.clone();
-    let publish: Publish = Arc::new(move |topic: String, body: Vec<u8>| {
-        if let Err(e) = alert_mqtt.try_publish(topic, QoS::AtLeastOnce, false, body) {
-            tracing::warn!(error = %e, "alert event not published on MQTT");
-        }
-    });
-    let monitor = {
-        let (store, config) = (store.clone(), config.monitor_config());
-        let sink = influx.as_ref().map(|(sink, _)| sink.clone());
-        tokio::task::spawn_blocking(move || {
-            Monitor::open(store, config, deliverer, sink, Some(publish))
-        })
-        .await
-        .map_err(|e| e.to_string())??
-    };
-    let monitor_task = tokio::spawn(monitor.clone().run(shutdown_rx.clone()));
-
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .map_err(|e| format!("cannot listen on {} for the API: {e}", config.api.listen))?;
@@ -281,6 +282,174 @@ pub async fn serve_with(
         block_counters.clone(),
         shutdown_rx.clone(),
     ));
+    let front = if all {
+        Front::Control(
+            start_control(
+                &config,
+                &store,
+                &influx,
+                &publisher,
+                &ota,
+                rollout_feed_rx,
+                metrics.clone(),
+                tokens,
+                block_counters.clone(),
+                listener,
+                shutdown_rx.clone(),
+            )
+            .await?,
+        )
+    } else {
+        drop(tokens);
+        let (metrics, blocks) = (metrics.clone(), block_counters.clone());
+        let mut api_shutdown = shutdown_rx.clone();
+        let router = axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let (metrics, blocks) = (metrics.clone(), blocks.clone());
+                    async move {
+                        let mut out = metrics.render();
+                        out.push_str(&blocks.render_prometheus());
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4",
+                            )],
+                            out,
+                        )
+                    }
+                }),
+            );
+        let api = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = api_shutdown.changed().await;
+                })
+                .await
+        });
+        tracing::info!("ingest replica: monitor, rollouts and the API run in the `all` process");
+        drop(rollout_feed_rx);
+        Front::Replica(api)
+    };
+
+    // Report ready once ingest holds its subscriptions (devices are let in from then on).
+    let wait_start = std::time::Instant::now();
+    while !ingest_subscribed.load(Ordering::SeqCst) {
+        if wait_start.elapsed() > std::time::Duration::from_secs(30) {
+            tracing::warn!("ingest has not subscribed to the broker after 30 s; still trying");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // One machine-readable line: tests and scripts read the real ports from it.
+    println!(
+        "tinyfleet serving: mqtt={mqtt_addr} api=http://{api_addr} data={}",
+        data_dir.display()
+    );
+    if let Some(ready) = ready {
+        let _ = ready.send(Ready {
+            mqtt: mqtt_addr,
+            api: api_addr,
+        });
+    }
+
+    tokio::select! {
+        _ = stop => {}
+        _ = signal() => {}
+    }
+    tracing::info!("shutting down: committing ingest state");
+    let _ = shutdown_tx.send(true);
+    let _ = source.await;
+    let _ = ingest.await;
+    let _ = blocks_task.await;
+    match front {
+        Front::Control(control) => control.stop().await,
+        Front::Replica(api) => {
+            let _ = api.await;
+        }
+    }
+    let _ = publisher_task.await;
+    if let Some(p) = password_file {
+        p.stop().await;
+    }
+    if let Some((sink, task)) = influx {
+        if !sink.flush(std::time::Duration::from_secs(5)).await {
+            tracing::warn!(
+                backlog = sink.stats().queued,
+                "time-series points not written before exit"
+            );
+        }
+        drop(sink);
+        task.abort();
+    }
+    Ok(())
+}
+
+/// What faces users: the whole control plane (`role = "all"`), or a replica's health and
+/// metrics endpoint.
+enum Front {
+    Control(Control),
+    Replica(tokio::task::JoinHandle<std::io::Result<()>>),
+}
+
+/// The control plane of the `all` process: monitor, rollouts and the whole API.
+struct Control {
+    monitor: Monitor,
+    delivery_task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Control {
+    async fn stop(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let _ = self.api.await;
+        if !self.monitor.flush(std::time::Duration::from_secs(5)).await {
+            tracing::warn!("alert notifications not delivered before exit");
+        }
+        self.delivery_task.abort();
+    }
+}
+
+/// Starts the monitor, the rollouts and the API (the singletons of a deployment).
+#[allow(clippy::too_many_arguments)]
+async fn start_control(
+    config: &Config,
+    store: &Store,
+    influx: &Option<(InfluxSink, tokio::task::JoinHandle<()>)>,
+    publisher: &rumqttc::AsyncClient,
+    ota: &Arc<tinyfleet_ota_service::Ota>,
+    rollout_feed_rx: ota_bridge::RolloutFeedRx,
+    metrics: Arc<Metrics>,
+    tokens: Vec<ApiToken>,
+    block_counters: Arc<BlockCounters>,
+    listener: tokio::net::TcpListener,
+    shutdown_rx: watch::Receiver<bool>,
+) -> Result<Control, String> {
+    // The monitor: drift, health and presence -> alerts, retraining triggers, MQTT events.
+    let (deliverer, delivery_task) =
+        Deliverer::spawn(&config.alerts).map_err(|e| format!("config [alerts]: {e}"))?;
+    let alert_mqtt = publisher.clone();
+    let publish: Publish = Arc::new(move |topic: String, body: Vec<u8>| {
+        if let Err(e) = alert_mqtt.try_publish(topic, QoS::AtLeastOnce, false, body) {
+            tracing::warn!(error = %e, "alert event not published on MQTT");
+        }
+    });
+    let monitor = {
+        let (store, config) = (store.clone(), config.monitor_config());
+        let sink = influx.as_ref().map(|(sink, _)| sink.clone());
+        tokio::task::spawn_blocking(move || {
+            Monitor::open(store, config, deliverer, sink, Some(publish))
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
+    let monitor_task = tokio::spawn(monitor.clone().run(shutdown_rx.clone()));
+
     // Rollouts: offers out as retained MQTT messages; progress, presence and quality in.
     let (offers, offers_task) = MqttOffers::spawn(publisher.clone(), shutdown_rx.clone());
     let rollouts = {
@@ -335,57 +504,12 @@ pub async fn serve_with(
             .await
     });
 
-    // Report ready once ingest holds its subscriptions (devices are let in from then on).
-    let wait_start = std::time::Instant::now();
-    while !ingest_subscribed.load(Ordering::SeqCst) {
-        if wait_start.elapsed() > std::time::Duration::from_secs(30) {
-            tracing::warn!("ingest has not subscribed to the broker after 30 s; still trying");
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    // One machine-readable line: tests and scripts read the real ports from it.
-    println!(
-        "tinyfleet serving: mqtt={mqtt_addr} api=http://{api_addr} data={}",
-        data_dir.display()
-    );
-    if let Some(ready) = ready {
-        let _ = ready.send(Ready {
-            mqtt: mqtt_addr,
-            api: api_addr,
-        });
-    }
-
-    tokio::select! {
-        _ = stop => {}
-        _ = signal() => {}
-    }
-    tracing::info!("shutting down: committing ingest state");
-    let _ = shutdown_tx.send(true);
-    let _ = source.await;
-    let _ = ingest.await;
-    let _ = monitor_task.await;
-    let _ = blocks_task.await;
-    let _ = feed_task.await;
-    let _ = tick_task.await;
-    let _ = offers_task.await;
-    let _ = publisher_task.await;
-    let _ = api.await;
-    if !monitor.flush(std::time::Duration::from_secs(5)).await {
-        tracing::warn!("alert notifications not delivered before exit");
-    }
-    delivery_task.abort();
-    if let Some((sink, task)) = influx {
-        if !sink.flush(std::time::Duration::from_secs(5)).await {
-            tracing::warn!(
-                backlog = sink.stats().queued,
-                "time-series points not written before exit"
-            );
-        }
-        drop(sink);
-        task.abort();
-    }
-    Ok(())
+    Ok(Control {
+        monitor,
+        delivery_task,
+        tasks: vec![monitor_task, feed_task, tick_task, offers_task],
+        api,
+    })
 }
 
 async fn signal() {

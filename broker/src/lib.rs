@@ -10,6 +10,8 @@
 //!   reports every (re)connect), [`Acker`] (manual acknowledgements in the order rumqttd
 //!   requires, never across a reconnect), [`shared`] for `$share/{group}/{filter}`
 //!   subscriptions.
+//! - [`mosquitto`]: Mosquitto as the external broker: the password file (its `$7$` PBKDF2
+//!   hashes) and the ACL file confining each device to its own topics.
 //!
 //! This crate knows nothing about the tinyfleet protocol's messages: it moves bytes on topics.
 //! It never logs a password, and its library code never panics on configuration or network
@@ -20,6 +22,7 @@
 pub mod client;
 pub mod config;
 pub mod embedded;
+pub mod mosquitto;
 
 pub use client::{
     AckOutcome, AckToken, Acker, ClientConfig, ClientEvent, Connection, backoff_delay, connect,

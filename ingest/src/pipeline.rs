@@ -48,6 +48,10 @@ pub struct PipelineConfig {
     /// Keep summary events for sinks (off when nothing consumes them). Presence, hello and
     /// OTA progress events are always kept: they are few, and the OTA service needs them.
     pub collect_events: bool,
+    /// Set when several ingest replicas share the store: this replica's counters are saved
+    /// under `{replica}/{name}`, so replicas continue their own counts instead of overwriting
+    /// each other's. `None`: plain names (one ingest per store).
+    pub replica: Option<String>,
 }
 
 impl Default for PipelineConfig {
@@ -57,6 +61,7 @@ impl Default for PipelineConfig {
             offline_after_ms: 15 * 60_000,
             max_payload: crate::decode::DEFAULT_MAX_PAYLOAD,
             collect_events: true,
+            replica: None,
         }
     }
 }
@@ -290,7 +295,17 @@ impl Pipeline {
     /// A pipeline over `store`, continuing the counters the store saved.
     pub fn new(config: PipelineConfig, store: Store, metrics: Arc<Metrics>) -> Self {
         if let Ok(saved) = store.counters() {
-            metrics.restore(&saved);
+            match &config.replica {
+                None => metrics.restore(&saved),
+                Some(r) => {
+                    let prefix = format!("{r}/");
+                    let own = saved
+                        .into_iter()
+                        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v)))
+                        .collect();
+                    metrics.restore(&own);
+                }
+            }
         }
         Self {
             verifier: Verifier::new(config.max_payload, store.registry().clone()),
@@ -701,6 +716,11 @@ impl Pipeline {
         }
         batch.ota = self.ota.drain().map(|(_, o)| o).collect();
         batch.counters = self.metrics.snapshot();
+        if let Some(r) = &self.config.replica {
+            for (name, _) in &mut batch.counters {
+                *name = format!("{r}/{name}");
+            }
+        }
         self.tags_epoch += 1;
         (batch, std::mem::take(&mut self.events))
     }
@@ -719,6 +739,28 @@ impl Pipeline {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Forgets everything read from the store (replay windows, device states, open device and
+    /// cohort windows), so the next messages read it fresh. For ingest replicas that share a
+    /// store: call at the start of each batch, under [`Store::exclusive`], when nothing awaits
+    /// a commit. What only this process can know (a will's mark) is kept.
+    pub fn forget_cached(&mut self) {
+        debug_assert!(
+            !self.has_changes(),
+            "forget_cached with uncommitted changes"
+        );
+        for e in &mut self.devices {
+            e.replay = [None; KINDS];
+            e.dirty_replay = 0;
+            e.state = None;
+            e.state_dirty = false;
+            e.health = None;
+            e.cohort = None;
+            e.tag_cohorts = None;
+            e.windows.clear();
+        }
+        self.cohorts.windows.clear();
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::journal::Journal;
 use crate::metrics::Metrics;
-use crate::pipeline::{Events, Pipeline};
+use crate::pipeline::{Events, Pipeline, Verified};
 
 /// One message from the broker, with the way to acknowledge it.
 pub struct Incoming {
@@ -62,6 +62,10 @@ pub struct ShellConfig {
     /// the store before acknowledging it.
     pub journal: Option<std::path::PathBuf>,
     pub checkpoint_interval: Duration,
+    /// Other ingest replicas (processes splitting one `$share/...` subscription) write the same
+    /// store: each batch is applied and committed under [`Store::exclusive`] with device state
+    /// read fresh ([`run_shared`]). Excludes the journal.
+    pub shared_store: bool,
 }
 
 impl Default for ShellConfig {
@@ -73,6 +77,7 @@ impl Default for ShellConfig {
             retention: Duration::from_secs(30 * 24 * 3600),
             journal: None,
             checkpoint_interval: Duration::from_secs(1),
+            shared_store: false,
         }
     }
 }
@@ -85,6 +90,9 @@ pub async fn run(
     sinks: Vec<Arc<dyn EventSink>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if config.shared_store {
+        return run_shared(pipeline, rx, config, sinks, shutdown).await;
+    }
     let mut acks: Vec<(Acker, AckToken)> = Vec::new();
     let mut tick = tokio::time::interval(config.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -184,6 +192,134 @@ pub async fn run(
         }
         if closing || *shutdown.borrow() {
             break;
+        }
+    }
+}
+
+/// The shell of one of several ingest replicas sharing a store. Messages are verified and
+/// decoded as they arrive (the costly, parallel part); each batch is then applied and committed
+/// on a blocking thread under the store's exclusive `ingest` section, with every device state,
+/// replay window and window aggregate read fresh from the store inside it. So a replay that
+/// reaches another replica is refused there, and no replica overwrites an aggregate with a
+/// stale copy. Acknowledgements follow the commit, as in [`run`].
+async fn run_shared(
+    mut pipeline: Pipeline,
+    mut rx: mpsc::Receiver<Incoming>,
+    config: ShellConfig,
+    sinks: Vec<Arc<dyn EventSink>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut pending: Vec<(Verified, i64)> = Vec::new();
+    let mut acks: Vec<(Acker, AckToken)> = Vec::new();
+    let mut tick = tokio::time::interval(config.flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_housekeeping = Instant::now();
+    let metrics = pipeline.metrics().clone();
+    loop {
+        let mut closing = false;
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(m) => {
+                    let mut next = Some(m);
+                    while let Some(m) = next.take() {
+                        pending.push((pipeline.verifier().verify(&m.topic, &m.payload), m.received_ms));
+                        acks.extend(m.ack);
+                        if pending.len() < config.max_batch {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    metrics.pending.store(pending.len() as u64, Ordering::Relaxed);
+                }
+                None => closing = true,
+            },
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => closing = true,
+        }
+        let housekeeping = last_housekeeping.elapsed() >= config.housekeeping_interval;
+        if housekeeping {
+            last_housekeeping = Instant::now();
+        }
+        if !pending.is_empty() || housekeeping {
+            let batch = std::mem::take(&mut pending);
+            let retention = config.retention;
+            let step = tokio::task::spawn_blocking(move || {
+                let events = locked_step(&mut pipeline, batch, housekeeping);
+                if housekeeping {
+                    let before = tinyfleet_store::now_ms() - retention.as_millis() as i64;
+                    if let Err(e) = pipeline.store().prune_windows(before) {
+                        tracing::warn!(error = %e, "pruning old windows failed");
+                    }
+                }
+                (pipeline, events)
+            });
+            let events;
+            (pipeline, events) = match step.await {
+                Ok(done) => done,
+                Err(e) => {
+                    // Nothing of this batch was acknowledged; the broker redelivers it.
+                    tracing::error!(error = %e, "ingest step failed; stopping ingest");
+                    return;
+                }
+            };
+            send_acks(&mut acks, &metrics).await;
+            for sink in &sinks {
+                sink.publish(&events);
+            }
+        }
+        if closing || *shutdown.borrow() {
+            break;
+        }
+    }
+}
+
+/// One batch of a replica sharing the store: hold the `ingest` section, read fresh, apply,
+/// commit (retrying with backoff while holding the section: the batch was applied to what the
+/// store holds now, and no other replica can change that meanwhile), release.
+fn locked_step(pipeline: &mut Pipeline, batch: Vec<(Verified, i64)>, sweep: bool) -> Events {
+    let metrics = pipeline.metrics().clone();
+    let mut delay = Duration::from_millis(50);
+    let _section = loop {
+        match pipeline.store().exclusive("ingest") {
+            Ok(guard) => break guard,
+            Err(e) => {
+                metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "cannot take the store's ingest section; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    pipeline.forget_cached();
+    let any = !batch.is_empty();
+    for (verified, received_ms) in batch {
+        pipeline.apply(verified, received_ms);
+    }
+    if sweep {
+        pipeline.sweep_inactive(tinyfleet_store::now_ms());
+    }
+    if !any && !pipeline.has_changes() {
+        return Events::default();
+    }
+    let (batch, events) = pipeline.take_batch();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let started = Instant::now();
+        match pipeline.store().commit(&batch) {
+            Ok(()) => {
+                metrics.commits.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .commit_seconds_sum_us
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                return events;
+            }
+            Err(e) => {
+                metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "store commit failed; nothing acknowledged, retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
         }
     }
 }

@@ -64,6 +64,17 @@ impl Server {
         Self::spawn(data_dir, config_path)
     }
 
+    /// Starts a server with exactly `config` (TOML) written to `config_path`.
+    pub fn start_config(data_dir: &Path, config_path: &Path, config: &str) -> Server {
+        std::fs::write(config_path, config).expect("write config");
+        Self::spawn(data_dir, config_path.to_owned())
+    }
+
+    /// The process id (for `kill -9`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn spawn(data_dir: &Path, config_path: PathBuf) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tinyfleet"))
             .args(["serve", "--config"])

@@ -1,0 +1,357 @@
+//! Mosquitto as the external broker (Debian's package, a real process): device authentication
+//! from the password file `serve` keeps, per-device ACLs by `pattern`, and two `serve`
+//! processes (an `all` one and an `ingest` replica) splitting one `$share/...` subscription
+//! over one shared store without losing or double counting a summary.
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use support::{READ_TOKEN, Server, TOKEN, wait_for};
+
+const SERVICE_USER: &str = "tinyfleet-ingest";
+const SERVICE_PASSWORD: &str = "service-password-for-tests";
+
+/// A Mosquitto broker process, killed on drop.
+struct Mosquitto {
+    child: Child,
+    devices: SocketAddr,
+    services: SocketAddr,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with the configuration `tinyfleet broker` prints, or `None` when the
+    /// binary is missing (an error with `TF_REQUIRE_MOSQUITTO=1`, as in `scripts/test.sh`).
+    fn start(dir: &Path) -> Option<Mosquitto> {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var("TF_REQUIRE_MOSQUITTO").is_err(),
+                "mosquitto is not installed (apt-get install -y mosquitto)"
+            );
+            eprintln!("SKIPPED: mosquitto is not installed");
+            return None;
+        };
+        let devices = free_port();
+        let services = free_port();
+        let acl = tinyfleet(&["broker", "mosquitto-acl", "--service-user", SERVICE_USER]);
+        std::fs::write(dir.join("acl"), acl).expect("write acl");
+        // Empty until `serve` writes it; Mosquitto reads it again on SIGHUP.
+        std::fs::write(dir.join("passwd"), "").expect("write passwd");
+        let conf = tinyfleet(&[
+            "broker",
+            "mosquitto-conf",
+            "--password-file",
+            &dir.join("passwd").display().to_string(),
+            "--acl-file",
+            &dir.join("acl").display().to_string(),
+            "--device-listener",
+            &devices.to_string(),
+            "--service-listener",
+            &services.to_string(),
+        ]);
+        // As root, stay root: the files live in a private temporary directory.
+        let conf = format!("user root\npersistence false\n{conf}");
+        std::fs::write(dir.join("mosquitto.conf"), conf).expect("write conf");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(dir.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        wait_for("mosquitto listening", Duration::from_secs(10), || {
+            TcpStream::connect(services).ok()
+        });
+        Some(Mosquitto {
+            child,
+            devices,
+            services,
+        })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+fn tinyfleet(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tinyfleet"))
+        .args(args)
+        .output()
+        .expect("run tinyfleet");
+    assert!(out.status.success(), "tinyfleet {args:?} failed");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `serve` against the broker's service listener, as one of the replicas sharing `data`.
+fn replica_config(
+    data: &Path,
+    mosquitto: &Mosquitto,
+    role: &str,
+    client_id: &str,
+    extra_mqtt: &str,
+) -> String {
+    format!(
+        "data_dir = {data:?}\n\
+         role = \"{role}\"\n\
+         [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n\
+         username = \"{SERVICE_USER}\"\npassword = \"{SERVICE_PASSWORD}\"\n\
+         client_id = \"{client_id}\"\nshare_group = \"ingest\"\n{extra_mqtt}\n\
+         [ingest]\nflush_ms = 20\njournal = false\nshared_store = true\n\
+         [api]\nlisten = \"127.0.0.1:0\"\n\
+         [[api.tokens]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\nrole = \"operator\"\n\
+         [[api.tokens]]\nname = \"viewer\"\ntoken = \"{READ_TOKEN}\"\nrole = \"read\"\n",
+        port = mosquitto.services.port()
+    )
+}
+
+/// A Prometheus sample of the replica's `/metrics`.
+fn metric(api: &str, sample: &str) -> i64 {
+    let text = reqwest::blocking::get(format!("{api}/metrics"))
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Connects a plain client and subscribes to `filters`; returns it with its event stream.
+fn subscriber(
+    addr: SocketAddr,
+    id: &str,
+    user: &str,
+    password: &str,
+    filters: &[String],
+) -> (Client, std::sync::mpsc::Receiver<Event>) {
+    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_credentials(user, password);
+    let (client, mut connection) = Client::new(opts, 10);
+    for f in filters {
+        client.subscribe(f, QoS::AtLeastOnce).expect("subscribe");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            match event {
+                Ok(e) => {
+                    if tx.send(e).is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    (client, rx)
+}
+
+#[test]
+fn two_ingest_replicas_split_mosquitto_shared_subscription_without_loss_or_double_counting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(mosquitto) = Mosquitto::start(dir.path()) else {
+        return;
+    };
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let reload = format!(
+        "password_file = {:?}\nreload_command = [\"kill\", \"-HUP\", \"{}\"]",
+        dir.path().join("passwd"),
+        mosquitto.child.id()
+    );
+    let a = Server::start_config(
+        &data,
+        &dir.path().join("a.toml"),
+        &replica_config(&data, &mosquitto, "all", "ingest-a", &reload),
+    );
+
+    // Devices provisioned through the API appear in Mosquitto's password file.
+    let mut devices: Vec<_> = (0..6).map(|i| a.provision(&format!("mq-{i}"))).collect();
+    for d in &devices {
+        wait_for(
+            &format!("{} accepted by Mosquitto", d.id),
+            Duration::from_secs(20),
+            || d.connect_with(mosquitto.devices, &d.password).ok(),
+        )
+        .disconnect();
+    }
+    assert!(
+        devices[0]
+            .connect_with(mosquitto.devices, "wrong-password")
+            .is_err(),
+        "a wrong password is refused"
+    );
+
+    let b = Server::start_config(
+        &data,
+        &dir.path().join("b.toml"),
+        &replica_config(&data, &mosquitto, "ingest", "ingest-b", ""),
+    );
+    assert_eq!(
+        reqwest::blocking::get(format!("{}/healthz", b.api))
+            .map(|r| r.status().as_u16())
+            .ok(),
+        Some(200)
+    );
+
+    // Every device: a hello, 10 summaries, then 3 of them again (replays), all acknowledged.
+    let mut published = 0;
+    for d in &mut devices {
+        let mut s = d.connect(mosquitto.devices);
+        let mut messages = vec![d.hello(0)];
+        messages.extend((0..10).map(|_| d.next_summary()));
+        let replays: Vec<_> = messages[1..4].to_vec();
+        s.publish_acked(&messages, false);
+        s.publish_acked(&replays, false);
+        published += messages.len() + replays.len();
+        // A summary on another device's topic is refused by the broker's ACL.
+        let mut forged = messages[5].clone();
+        forged.0 = forged.0.replace(&d.id, "mq-0");
+        if d.id != "mq-0" {
+            s.publish_acked(&[forged], false);
+        }
+        s.disconnect();
+    }
+
+    // Both replicas took part, and between them received exactly what devices published.
+    let received = || a.counter("received") + metric(&b.api, "tinyfleet_ingest_received_total ");
+    wait_for(
+        "all messages received by the two replicas",
+        Duration::from_secs(30),
+        || (received() >= published as i64).then_some(()),
+    );
+    assert_eq!(received(), published as i64, "forged messages never arrive");
+    let a_received = a.counter("received");
+    assert!(
+        a_received > 0 && a_received < published as i64,
+        "the share group split the messages ({a_received} of {published} at a)"
+    );
+    let accepted = |name: &str| {
+        a.counter(&format!("accepted.{name}"))
+            + metric(
+                &b.api,
+                &format!("tinyfleet_ingest_accepted_total{{kind=\"{name}\"}} "),
+            )
+    };
+    let duplicates = a.counter("rejected.duplicate")
+        + metric(
+            &b.api,
+            "tinyfleet_ingest_rejected_total{reason=\"duplicate\"} ",
+        );
+    wait_for("every summary committed", Duration::from_secs(20), || {
+        devices
+            .iter()
+            .all(|d| a.device_summaries(&d.id) == 10)
+            .then_some(())
+    });
+    assert_eq!(accepted("summary"), 60, "each summary counted once");
+    assert_eq!(
+        duplicates, 18,
+        "each replay refused, whichever replica got it"
+    );
+    // The tag cohort every device shares was written by both replicas: nothing overwritten.
+    let windows = a.get("/api/v1/cohorts/windows?cohort=tag:site%3Dlab");
+    let cohort_summaries: i64 = windows
+        .as_array()
+        .expect("windows")
+        .iter()
+        .map(|w| w["window"]["agg"]["summaries"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(cohort_summaries, 60, "cohort windows: {windows}");
+
+    // ACLs: a device reads its own offers only.
+    let (_service, _) = subscriber(
+        mosquitto.services,
+        "acl-publisher",
+        SERVICE_USER,
+        SERVICE_PASSWORD,
+        &[],
+    );
+    let d0 = &devices[0];
+    let (_sub, events) = subscriber(
+        mosquitto.devices,
+        &d0.id,
+        &d0.id,
+        &d0.password,
+        &[
+            "tf/v1/mq-1/ota/offer".to_owned(),
+            "tf/v1/mq-0/ota/offer".to_owned(),
+        ],
+    );
+    wait_for(
+        "both subscriptions acknowledged",
+        Duration::from_secs(10),
+        || {
+            let mut acks = 0;
+            while let Ok(e) = events.recv_timeout(Duration::from_millis(100)) {
+                if matches!(e, Event::Incoming(Packet::SubAck(_))) {
+                    acks += 1;
+                }
+                if acks == 2 {
+                    return Some(());
+                }
+            }
+            None
+        },
+    );
+    let (publisher, _pub_events) = subscriber(
+        mosquitto.services,
+        "acl-publisher-2",
+        SERVICE_USER,
+        SERVICE_PASSWORD,
+        &[],
+    );
+    // The other device's offer first: if the ACL let it through it would arrive first.
+    publisher
+        .publish(
+            "tf/v1/mq-1/ota/offer",
+            QoS::AtLeastOnce,
+            false,
+            b"theirs".to_vec(),
+        )
+        .expect("publish");
+    publisher
+        .publish(
+            "tf/v1/mq-0/ota/offer",
+            QoS::AtLeastOnce,
+            false,
+            b"mine".to_vec(),
+        )
+        .expect("publish");
+    let got = wait_for(
+        "an offer delivered",
+        Duration::from_secs(10),
+        || match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Incoming(Packet::Publish(p))) => Some((p.topic, p.payload.to_vec())),
+            _ => None,
+        },
+    );
+    assert_eq!(got, ("tf/v1/mq-0/ota/offer".to_owned(), b"mine".to_vec()));
+
+    // A revoked device is gone from the password file: Mosquitto refuses it.
+    let (status, body) = a.post("/api/v1/devices/mq-5/revoke", TOKEN, serde_json::json!({}));
+    assert!(status < 300, "revoke: {status} {body}");
+    wait_for("revoked device refused", Duration::from_secs(20), || {
+        devices[5]
+            .connect_with(mosquitto.devices, &devices[5].password)
+            .is_err()
+            .then_some(())
+    });
+    b.stop();
+    a.stop();
+}
