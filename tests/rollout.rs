@@ -322,6 +322,17 @@ fn a_worse_model_is_stopped_at_the_canary_and_rolled_back() {
 /// the restart: every device on 2.0, each stage opened once.
 #[test]
 fn a_restart_mid_rollout_changes_nothing_in_the_outcome() {
+    restart_mid_rollout(false);
+}
+
+/// As above, with `kill -9` instead of a clean stop: nothing is flushed or handed over, the
+/// embedded broker dies with the process, and the outcome is still the same.
+#[test]
+fn a_kill_9_mid_rollout_changes_nothing_in_the_outcome() {
+    restart_mid_rollout(true);
+}
+
+fn restart_mid_rollout(kill: bool) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = Server::start(&data, "[ota]\nrollout_tick_ms = 200");
@@ -337,7 +348,11 @@ fn a_restart_mid_rollout_changes_nothing_in_the_outcome() {
     assert_eq!(before["stage"], 0, "still soaking the canaries: {before}");
 
     let (mqtt, api) = (server.mqtt, server.api.clone());
-    server.stop();
+    if kill {
+        server.kill9();
+    } else {
+        server.stop();
+    }
     let server = Server::restart_on_same_ports(&data, mqtt, &api);
     let after = rollout(&server, "kws-2");
     assert_eq!(after["stage"], 0, "{after}");

@@ -9,7 +9,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, LastWill, MqttOptions, Packet, QoS};
@@ -119,6 +120,14 @@ impl Server {
             self.child.try_wait().ok().flatten()
         });
         assert!(status.success(), "serve exited with {status}");
+    }
+
+    /// `kill -9`: no shutdown, nothing flushed, the embedded broker gone with the process.
+    pub fn kill9(mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
     }
 
     /// Starts again on the same data directory and configuration.
@@ -370,6 +379,61 @@ impl Session {
     pub fn disconnect(self) {
         let _ = self.client.disconnect();
     }
+}
+
+/// A device that publishes summaries one at a time and, when the connection fails, connects
+/// again and sends the same summary (same bytes, same sequence number) until a PUBACK comes:
+/// what a real device client does. Counts the summaries acknowledged.
+pub fn publish_until_stopped(
+    mut device: SimDevice,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+) -> SimDevice {
+    let mut pending = None;
+    while !stop.load(Ordering::SeqCst) {
+        let mut opts = MqttOptions::new(&device.id, addr.ip().to_string(), addr.port());
+        opts.set_credentials(&device.id, &device.password);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut connection) = Client::new(opts, 10);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                let failed = event.is_err();
+                if tx.send(event).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        // Until this connection fails: publish, wait for its PUBACK, next.
+        'connection: while !stop.load(Ordering::SeqCst) {
+            let (topic, payload) = pending.get_or_insert_with(|| device.next_summary()).clone();
+            if client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .is_err()
+            {
+                break;
+            }
+            loop {
+                match rx.recv_timeout(Duration::from_secs(3)) {
+                    Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                        pending = None;
+                        acked.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
+                    Ok(Ok(_)) => {}
+                    // Connection lost or no answer: connect again, send it again.
+                    Ok(Err(_)) | Err(_) => break 'connection,
+                }
+            }
+        }
+        let _ = client.disconnect();
+        if !stop.load(Ordering::SeqCst) {
+            // The server is away: try again shortly (a real client backs off).
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    device
 }
 
 /// A VictoriaMetrics server (it speaks InfluxDB's `/api/v2/write`), killed on drop.
