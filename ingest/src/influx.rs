@@ -42,6 +42,7 @@ pub struct InfluxEvents {
 
 impl InfluxEvents {
     pub fn new(sink: InfluxSink, metrics: Arc<Metrics>) -> Self {
+        metrics.watch_sink(sink.stats_reader());
         Self { sink, metrics }
     }
 }

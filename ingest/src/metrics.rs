@@ -56,6 +56,9 @@ pub struct Metrics {
     /// Points waiting for the time-series store (0 when none is configured).
     pub sink_backlog: AtomicU64,
     pub sink_dropped: AtomicU64,
+    /// The time-series sink itself, read when rendering: the backlog drains while ingest is
+    /// idle, so the values above (stored with the last batch) would go stale.
+    sink: std::sync::OnceLock<tinyfleet_sink_influx::StatsReader>,
 }
 
 pub(crate) fn kind_index(kind: tinyfleet_device::Kind) -> Option<usize> {
@@ -98,6 +101,11 @@ impl Metrics {
     /// Messages not applied for `reason` (a [`Reject`] or [`Drop`] label).
     pub fn rejected(&self, reason: &str) -> u64 {
         reason_index(reason).map_or(0, |i| self.rejected[i].load(Ordering::Relaxed))
+    }
+
+    /// Reports the backlog and drops of this sink, read live in [`Metrics::render`].
+    pub fn watch_sink(&self, reader: tinyfleet_sink_influx::StatsReader) {
+        let _ = self.sink.set(reader);
     }
 
     /// All counters as `(name, value)`, the form persisted in the store.
@@ -173,6 +181,13 @@ impl Metrics {
                 load(&self.rejected[i])
             );
         }
+        let (sink_backlog, sink_dropped) = match self.sink.get().map(|r| r.stats()) {
+            Some(s) => (s.queued as i64, s.dropped as i64),
+            None => (
+                load(&self.sink_backlog) as i64,
+                load(&self.sink_dropped) as i64,
+            ),
+        };
         let gauges: [(&str, &str, &str, i64); 6] = [
             (
                 "tinyfleet_ingest_lost_summaries_total",
@@ -202,13 +217,13 @@ impl Metrics {
                 "tinyfleet_sink_backlog_points",
                 "gauge",
                 "Points queued for the time-series store.",
-                load(&self.sink_backlog) as i64,
+                sink_backlog,
             ),
             (
                 "tinyfleet_sink_dropped_points_total",
                 "counter",
                 "Points dropped because the time-series store queue was full.",
-                load(&self.sink_dropped) as i64,
+                sink_dropped,
             ),
         ];
         for (name, kind, help, value) in gauges {

@@ -33,4 +33,4 @@ mod sink;
 
 pub use config::{ConfigError, InfluxConfig, MAX_BATCH_SIZE};
 pub use point::{FieldValue, Point, PointError};
-pub use sink::{InfluxSink, SinkError, SinkStats};
+pub use sink::{InfluxSink, SinkError, SinkStats, StatsReader};

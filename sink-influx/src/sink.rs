@@ -89,6 +89,31 @@ impl Shared {
         // still consistent enough to keep going.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn stats(&self) -> SinkStats {
+        let st = self.lock();
+        SinkStats {
+            queued: st.waiting.len() + st.inflight,
+            written: st.written,
+            dropped: st.dropped,
+            rejected: st.rejected,
+            failed_attempts: st.failed_attempts,
+            last_error: st.last_error.clone(),
+            last_success_unix_ms: st.last_success_unix_ms,
+        }
+    }
+}
+
+/// A sink's counters, read at any time ([`InfluxSink::stats_reader`]). Unlike an
+/// [`InfluxSink`] clone it does not keep the writer running.
+#[derive(Debug, Clone)]
+pub struct StatsReader(Arc<Shared>);
+
+impl StatsReader {
+    /// A snapshot of the counters, as [`InfluxSink::stats`].
+    pub fn stats(&self) -> SinkStats {
+        self.0.stats()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -242,16 +267,13 @@ impl InfluxSink {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> SinkStats {
-        let st = self.shared.lock();
-        SinkStats {
-            queued: st.waiting.len() + st.inflight,
-            written: st.written,
-            dropped: st.dropped,
-            rejected: st.rejected,
-            failed_attempts: st.failed_attempts,
-            last_error: st.last_error.clone(),
-            last_success_unix_ms: st.last_success_unix_ms,
-        }
+        self.shared.stats()
+    }
+
+    /// Reads the counters later without keeping the sink alive (for metrics rendered when they
+    /// are scraped: the backlog drains while nothing is sent).
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader(Arc::clone(&self.shared))
     }
 
     /// Asks the writer to write everything queued so far without waiting for the flush
@@ -586,6 +608,27 @@ mod tests {
         // Nothing queued after a flush: an empty flush succeeds at once.
         let (empty, _task) = InfluxSink::spawn(unreachable_config(10, 10)).unwrap();
         assert!(empty.flush(Duration::from_millis(200)).await);
+    }
+
+    #[tokio::test]
+    async fn a_stats_reader_sees_the_backlog_and_does_not_keep_the_writer() {
+        let (sink, task) = InfluxSink::spawn(unreachable_config(10, 10)).unwrap();
+        let reader = sink.stats_reader();
+        sink.send(vec![pt(1), pt(2)]);
+        assert_eq!(reader.stats(), sink.stats());
+        assert_eq!(reader.stats().queued, 2);
+        drop(sink);
+        // The queue is not empty and the server unreachable: the writer keeps retrying until
+        // aborted, but no longer because of the reader.
+        task.abort();
+        let (sink, task) = InfluxSink::spawn(unreachable_config(10, 10)).unwrap();
+        let reader = sink.stats_reader();
+        drop(sink);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reader.stats().queued, 0);
     }
 
     #[tokio::test]

@@ -223,6 +223,13 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Whether the process is still running (it has not exited or crashed).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -488,6 +495,43 @@ impl Victoria {
             .send()
             .and_then(|r| r.text())
             .unwrap_or_default()
+    }
+}
+
+impl Victoria {
+    /// Stops the server with SIGTERM (so it flushes what it holds to its data directory) and
+    /// waits for it to exit: the time-series store is down until [`Victoria::restart`].
+    pub fn stop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        wait_for("victoria-metrics exit", Duration::from_secs(20), || {
+            self.child.try_wait().ok().flatten()
+        });
+        assert!(
+            reqwest::blocking::get(format!("{}/health", self.url)).is_err(),
+            "victoria-metrics still answers after stop"
+        );
+    }
+
+    /// Starts the server again on the same port and data directory, once it answers.
+    pub fn restart(&mut self) {
+        let bin = std::env::var("VICTORIA_METRICS_BIN")
+            .unwrap_or_else(|_| "/usr/bin/victoria-metrics".into());
+        let port = self.url.rsplit(':').next().expect("port in url").to_owned();
+        self.child = std::process::Command::new(bin)
+            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+            .arg(format!("-storageDataPath={}", self._dir.path().display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("restart victoria-metrics");
+        let url = self.url.clone();
+        wait_for("victoria-metrics health", Duration::from_secs(20), || {
+            reqwest::blocking::get(format!("{url}/health"))
+                .ok()
+                .filter(|r| r.status().is_success())
+        });
     }
 }
 
