@@ -32,6 +32,12 @@ export TF_REQUIRE_BROWSER=1
 export TF_REQUIRE_MOSQUITTO=1
 # Real servers the tests start: VictoriaMetrics speaks InfluxDB's /api/v2/write.
 scripts/ensure-victoria-metrics.sh
+# PostgreSQL for the store's second backend: a throwaway cluster on 127.0.0.1 (reused if running);
+# the store's tests fail instead of skipping its half when it is missing. (Assigned first, so a
+# failure of the script stops this one: `eval "$(...)"` alone would not.)
+postgres_env="$(scripts/ensure-postgres.sh)"
+eval "$postgres_env"
+export TF_REQUIRE_POSTGRES=1
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 if ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
   rustup target add thumbv7em-none-eabihf || echo "thumbv7em-none-eabihf cannot be installed here"

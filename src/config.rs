@@ -75,6 +75,8 @@ pub struct Config {
     pub broker: Option<BrokerConfig>,
     /// An external broker (Mosquitto, EMQX) instead of the embedded one.
     pub mqtt: Option<MqttConfig>,
+    /// The state database: SQLite in the data directory unless PostgreSQL is configured.
+    pub store: StoreConfig,
     pub ingest: IngestConfig,
     pub api: ApiConfig,
     /// Optional InfluxDB 2 (or any server speaking its `/api/v2/write`) for dashboards.
@@ -98,6 +100,7 @@ impl Default for Config {
             role: ServeRole::All,
             broker: None,
             mqtt: None,
+            store: StoreConfig::default(),
             ingest: IngestConfig::default(),
             api: ApiConfig::default(),
             influx: None,
@@ -107,6 +110,29 @@ impl Default for Config {
             alerts: AlertsConfig::default(),
             ota: tinyfleet_ota_service::OtaConfig::default(),
         }
+    }
+}
+
+/// The state database.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// PostgreSQL instead of the SQLite file (`postgres://user:password@host:port/db`), for
+    /// several `serve` processes on one database. Never printed.
+    pub postgres_url: Option<String>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field(
+                "postgres_url",
+                &self
+                    .postgres_url
+                    .as_deref()
+                    .map(tinyfleet_alerts::redact_url),
+            )
+            .finish()
     }
 }
 
@@ -370,6 +396,12 @@ impl Config {
         if self.role == ServeRole::Ingest {
             parts.insert(0, "ingest replica".to_owned());
         }
+        if let Some(url) = &self.store.postgres_url {
+            parts.push(format!(
+                "PostgreSQL at {}",
+                tinyfleet_alerts::redact_url(url)
+            ));
+        }
         if self.ingest.shared_store {
             parts.push("store shared with other ingest replicas".to_owned());
         }
@@ -487,6 +519,14 @@ impl Config {
                  replica writes the store the `all` process reads)"
                     .into(),
             );
+        }
+        if let Some(url) = &self.store.postgres_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(format!(
+                "config [store]: postgres_url must start with postgres:// (got {})",
+                tinyfleet_alerts::redact_url(url)
+            ));
         }
         if let Some(m) = &self.mqtt
             && m.password_file.is_none()

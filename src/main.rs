@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod backup;
 mod config;
 mod demo;
 mod devices;
@@ -39,6 +40,11 @@ enum Command {
         #[arg(long)]
         data_dir: Option<std::path::PathBuf>,
     },
+    /// A consistent backup of a data directory (database snapshot, keys, artifacts, journal),
+    /// taken while `serve` runs.
+    Backup(backup::BackupArgs),
+    /// Check a backup and restore it into a new or empty data directory (`serve` stopped).
+    Restore(backup::RestoreArgs),
     /// The configuration file: print the documented defaults, or check a file.
     Config {
         #[command(subcommand)]
@@ -233,6 +239,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve { config, data_dir } => run_serve(config.as_deref(), data_dir),
+        Command::Backup(args) => backup::backup(args),
+        Command::Restore(args) => backup::restore(args),
         Command::Config { command } => config::run_command(command),
         Command::Broker { command } => mosquitto::run_command(command),
         Command::Simulate(args) => simulate::run(args),

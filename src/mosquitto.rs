@@ -82,7 +82,16 @@ struct Sync {
 impl Sync {
     /// Writes the file if the users changed; runs the reload command after a write.
     async fn once(&mut self) -> Result<bool, String> {
-        let (mut users, legacy) = self.registry.broker_passwords();
+        // Devices provisioned or revoked through another process on the same store count too.
+        let registry = self.registry.clone();
+        let (mut users, legacy) = tokio::task::spawn_blocking(move || {
+            if let Err(e) = registry.refresh() {
+                tracing::warn!(error = %e, "registry refresh failed");
+            }
+            registry.broker_passwords()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         if legacy > 0 {
             tracing::warn!(
                 devices = legacy,

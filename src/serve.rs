@@ -91,12 +91,18 @@ pub async fn serve_with(
 ) -> Result<(), String> {
     let data_dir = config.data_dir.clone();
     let store = {
-        let dir = data_dir.clone();
-        tokio::task::spawn_blocking(move || Store::open(&dir))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+        let (dir, url) = (data_dir.clone(), config.store.postgres_url.clone());
+        tokio::task::spawn_blocking(move || match url {
+            Some(url) => Store::open_postgres(&dir, &url),
+            None => Store::open(&dir),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
     };
+    // Devices provisioned or revoked by another process on the same store reach this one's
+    // registry (broker auth, ingest verify) within this interval.
+    let (refresh_stop, refresh_task) = refresh_registry(store.clone());
     let tokens = api_tokens(&config, &data_dir)?;
     let service_password = random_hex(24);
     let ingest_subscribed = Arc::new(AtomicBool::new(false));
@@ -374,6 +380,8 @@ pub async fn serve_with(
     if let Some(p) = password_file {
         p.stop().await;
     }
+    let _ = refresh_stop.send(true);
+    let _ = refresh_task.await;
     if let Some((sink, task)) = influx {
         if !sink.flush(std::time::Duration::from_secs(5)).await {
             tracing::warn!(
@@ -510,6 +518,31 @@ async fn start_control(
         tasks: vec![monitor_task, feed_task, tick_task, offers_task],
         api,
     })
+}
+
+/// How often the registry re-reads devices changed by other processes.
+const REGISTRY_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Re-reads the registry's changed rows every [`REGISTRY_REFRESH`] until told to stop.
+fn refresh_registry(store: Store) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REGISTRY_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped.changed() => return,
+            }
+            let registry = store.registry().clone();
+            match tokio::task::spawn_blocking(move || registry.refresh()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "registry refresh failed"),
+                Err(e) => tracing::warn!(error = %e, "registry refresh task failed"),
+            }
+        }
+    });
+    (stop, task)
 }
 
 async fn signal() {

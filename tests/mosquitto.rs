@@ -135,6 +135,7 @@ fn replica_config(
     role: &str,
     client_id: &str,
     extra_mqtt: &str,
+    store: &str,
 ) -> String {
     format!(
         "data_dir = {data:?}\n\
@@ -145,7 +146,7 @@ fn replica_config(
          [ingest]\nflush_ms = 20\njournal = false\nshared_store = true\n\
          [api]\nlisten = \"127.0.0.1:0\"\n\
          [[api.tokens]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\nrole = \"operator\"\n\
-         [[api.tokens]]\nname = \"viewer\"\ntoken = \"{READ_TOKEN}\"\nrole = \"read\"\n",
+         [[api.tokens]]\nname = \"viewer\"\ntoken = \"{READ_TOKEN}\"\nrole = \"read\"\n{store}",
         port = mosquitto.services.port()
     )
 }
@@ -190,14 +191,65 @@ fn subscriber(
     (client, rx)
 }
 
+/// A fresh database on the PostgreSQL server of `TF_POSTGRES_URL` (`scripts/ensure-postgres.sh`),
+/// or `None` (skipped) without one, unless `TF_REQUIRE_POSTGRES` is set.
+fn postgres_database() -> Option<String> {
+    let Ok(url) = std::env::var("TF_POSTGRES_URL") else {
+        assert!(
+            std::env::var("TF_REQUIRE_POSTGRES").is_err(),
+            "TF_POSTGRES_URL is not set: run scripts/ensure-postgres.sh"
+        );
+        eprintln!("SKIPPED: no PostgreSQL (TF_POSTGRES_URL)");
+        return None;
+    };
+    let name = format!(
+        "t_mq_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    let status = Command::new("psql")
+        .arg(&url)
+        .args(["-q", "-c", &format!("CREATE DATABASE {name}")])
+        .status()
+        .expect("run psql");
+    assert!(status.success(), "CREATE DATABASE {name}");
+    let (server, _) = url.rsplit_once('/').expect("database in the URL");
+    Some(format!("{server}/{name}"))
+}
+
 #[test]
-fn two_ingest_replicas_split_mosquitto_shared_subscription_without_loss_or_double_counting() {
+fn two_ingest_replicas_split_mosquitto_shared_subscription_on_one_sqlite_store() {
+    replicas_share_one_store(None);
+}
+
+#[test]
+fn two_ingest_replicas_split_mosquitto_shared_subscription_on_postgres() {
+    if let Some(url) = postgres_database() {
+        replicas_share_one_store(Some(url));
+    }
+}
+
+/// Two `serve` processes (an `all` one and an `ingest` replica) in one share group over one
+/// store: the same SQLite data directory, or PostgreSQL with a data directory each (sharing
+/// only `master.key`). Neither loses nor double counts a summary, replays are refused whichever
+/// replica receives them, and a device provisioned after the replica started is accepted by it.
+fn replicas_share_one_store(postgres: Option<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(mosquitto) = Mosquitto::start(dir.path()) else {
         return;
     };
     let data = dir.path().join("data");
     std::fs::create_dir(&data).expect("data dir");
+    let (store, data_b) = match &postgres {
+        Some(url) => (
+            format!("[store]\npostgres_url = \"{url}\"\n"),
+            dir.path().join("data-b"),
+        ),
+        None => (String::new(), data.clone()),
+    };
     let reload = format!(
         "password_file = {:?}\nreload_command = [\"kill\", \"-HUP\", \"{}\"]",
         dir.path().join("passwd"),
@@ -206,7 +258,7 @@ fn two_ingest_replicas_split_mosquitto_shared_subscription_without_loss_or_doubl
     let a = Server::start_config(
         &data,
         &dir.path().join("a.toml"),
-        &replica_config(&data, &mosquitto, "all", "ingest-a", &reload),
+        &replica_config(&data, &mosquitto, "all", "ingest-a", &reload, &store),
     );
 
     // Devices provisioned through the API appear in Mosquitto's password file.
@@ -226,11 +278,25 @@ fn two_ingest_replicas_split_mosquitto_shared_subscription_without_loss_or_doubl
         "a wrong password is refused"
     );
 
+    if data_b != data {
+        // Replicas on PostgreSQL share the database and the master key, nothing else.
+        std::fs::create_dir(&data_b).expect("data dir b");
+        std::fs::copy(data.join("master.key"), data_b.join("master.key")).expect("master.key");
+    }
     let b = Server::start_config(
-        &data,
+        &data_b,
         &dir.path().join("b.toml"),
-        &replica_config(&data, &mosquitto, "ingest", "ingest-b", ""),
+        &replica_config(&data_b, &mosquitto, "ingest", "ingest-b", "", &store),
     );
+    // Provisioned after the replica started: it learns the device from the store.
+    let late = a.provision("mq-6");
+    wait_for(
+        "mq-6 accepted by Mosquitto",
+        Duration::from_secs(20),
+        || late.connect_with(mosquitto.devices, &late.password).ok(),
+    )
+    .disconnect();
+    devices.push(late);
     assert_eq!(
         reqwest::blocking::get(format!("{}/healthz", b.api))
             .map(|r| r.status().as_u16())
@@ -288,9 +354,9 @@ fn two_ingest_replicas_split_mosquitto_shared_subscription_without_loss_or_doubl
             .all(|d| a.device_summaries(&d.id) == 10)
             .then_some(())
     });
-    assert_eq!(accepted("summary"), 60, "each summary counted once");
+    assert_eq!(accepted("summary"), 70, "each summary counted once");
     assert_eq!(
-        duplicates, 18,
+        duplicates, 21,
         "each replay refused, whichever replica got it"
     );
     // The tag cohort every device shares was written by both replicas: nothing overwritten.
@@ -301,7 +367,7 @@ fn two_ingest_replicas_split_mosquitto_shared_subscription_without_loss_or_doubl
         .iter()
         .map(|w| w["window"]["agg"]["summaries"].as_i64().unwrap_or(0))
         .sum();
-    assert_eq!(cohort_summaries, 60, "cohort windows: {windows}");
+    assert_eq!(cohort_summaries, 70, "cohort windows: {windows}");
 
     // ACLs: a device reads its own offers only.
     let (_service, _) = subscriber(

@@ -173,6 +173,11 @@ struct DeviceEntry {
     replay: [Option<ReplayWindow>; KINDS],
     /// Kinds whose replay window changed since the last batch (bit per `kind_index`).
     dirty_replay: u8,
+    /// Kinds whose replay window was read (prefetched) from the store, found or not, so a
+    /// `None` in `replay` needs no further read.
+    replay_read: u8,
+    /// A window start at which the store was found to hold no window of this device.
+    window_absent: Option<i64>,
     /// Loaded from the store on the first accepted message.
     state: Option<DeviceState>,
     state_dirty: bool,
@@ -382,6 +387,7 @@ impl Pipeline {
         let entry = &mut devices[slot];
         let window = match entry.replay[k] {
             Some(w) => Some(w),
+            None if entry.replay_read & (1 << k) != 0 => None,
             None => store.replay_window(&entry.id, k as u8).ok().flatten(),
         };
         let (new_window, lost, filled) = match dedup::check(window, boot, seq) {
@@ -505,9 +511,8 @@ impl Pipeline {
                 let w = match entry.windows.iter().rposition(|w| w.start == start) {
                     Some(i) => &mut entry.windows[i],
                     None => {
-                        let stored = store
-                            .device_window(&entry.id, start)
-                            .ok()
+                        let stored = (entry.window_absent != Some(start))
+                            .then(|| store.device_window(&entry.id, start).ok().flatten())
                             .flatten()
                             .and_then(|w| Some((w.cohort, serde_json::from_value(w.agg).ok()?)));
                         let (cohort, agg) = match stored {
@@ -594,6 +599,8 @@ impl Pipeline {
             id: device.clone(),
             replay: [None; KINDS],
             dirty_replay: 0,
+            replay_read: 0,
+            window_absent: None,
             state: None,
             state_dirty: false,
             health: None,
@@ -753,6 +760,8 @@ impl Pipeline {
         for e in &mut self.devices {
             e.replay = [None; KINDS];
             e.dirty_replay = 0;
+            e.replay_read = 0;
+            e.window_absent = None;
             e.state = None;
             e.state_dirty = false;
             e.health = None;
@@ -761,6 +770,61 @@ impl Pipeline {
             e.windows.clear();
         }
         self.cohorts.windows.clear();
+    }
+
+    /// Reads the state, replay windows and the device window at `window_at_ms` of `ids` in
+    /// three bulk reads (a network round trip each on PostgreSQL) instead of a few reads per
+    /// device as messages arrive. For replicas sharing a store, after [`Pipeline::forget_cached`].
+    /// A failed read leaves the devices to the per-message reads.
+    pub fn prefetch(&mut self, ids: &[&str], window_at_ms: i64) {
+        if ids.is_empty() {
+            return;
+        }
+        let start = window_start(window_at_ms, self.config.window_ms);
+        let (Ok(states), Ok(replays), Ok(windows)) = (
+            self.store.device_states(ids),
+            self.store.replay_windows(ids),
+            self.store.device_windows_at(ids, start),
+        ) else {
+            return;
+        };
+        for id in ids {
+            let slot = self.slot((*id).to_owned());
+            let e = &mut self.devices[slot];
+            if e.state.is_none() {
+                e.state = Some(DeviceState {
+                    id: (*id).to_owned(),
+                    ..DeviceState::default()
+                });
+            }
+            e.replay_read = u8::MAX;
+            e.window_absent = Some(start);
+        }
+        for state in states {
+            let slot = self.slot(state.id.clone());
+            self.devices[slot].state = Some(state);
+        }
+        for (id, kind, window) in replays {
+            let slot = self.slot(id);
+            if let Some(r) = self.devices[slot].replay.get_mut(kind as usize) {
+                *r = Some(window);
+            }
+        }
+        for w in windows {
+            let Ok(agg) = serde_json::from_value(w.agg) else {
+                continue;
+            };
+            let cohort = self.cohorts.intern(&w.cohort);
+            let slot = self.slot(w.id.clone());
+            let e = &mut self.devices[slot];
+            e.window_absent = None;
+            e.windows.push(DeviceWindowAgg {
+                start: w.start_ms,
+                cohort,
+                agg,
+                dirty: false,
+            });
+        }
     }
 }
 

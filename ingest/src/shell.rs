@@ -291,6 +291,13 @@ fn locked_step(pipeline: &mut Pipeline, batch: Vec<(Verified, i64)>, sweep: bool
         }
     };
     pipeline.forget_cached();
+    let mut ids: Vec<&str> = batch
+        .iter()
+        .filter_map(|(v, _)| v.as_ref().ok().map(|(id, _)| id.as_str()))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    pipeline.prefetch(&ids, tinyfleet_store::now_ms());
     let any = !batch.is_empty();
     for (verified, received_ms) in batch {
         pipeline.apply(verified, received_ms);

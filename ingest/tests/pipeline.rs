@@ -477,3 +477,60 @@ fn ota_messages_reach_the_ota_service_once_and_progress_is_stored() {
         (3, 2048, 4)
     );
 }
+
+/// Two pipelines on one store take turns, as ingest replicas sharing a store do: each batch
+/// starts from `forget_cached` and `prefetch`, so what the other committed (replay windows,
+/// state, device and cohort windows) is read, never overwritten, whether a device's messages
+/// are prefetched or read one by one.
+#[test]
+fn replicas_taking_turns_count_each_summary_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = provision(&store, "dev-a", &[("site", "north")]);
+    let b = provision(&store, "dev-b", &[("site", "north")]);
+    let mut replicas = [pipeline(&store), pipeline(&store)];
+    let sums_a = summaries(&a, 1, 8);
+    let sums_b = summaries(&b, 1, 8);
+    let mut turn = 0;
+    let mut batch_of = |messages: &[(String, Vec<u8>)], prefetch: bool| {
+        let p = &mut replicas[turn % 2];
+        turn += 1;
+        p.forget_cached();
+        if prefetch {
+            p.prefetch(&["dev-a", "dev-b"], T0);
+        }
+        let outcomes: Vec<Outcome> = messages.iter().map(|(t, m)| p.handle(t, m, T0)).collect();
+        commit(p);
+        outcomes
+    };
+    let accepted = Outcome::Accepted(Kind::Summary);
+    let duplicate = Outcome::Dropped(Drop::Duplicate);
+    batch_of(&[hello(&a, 1, 0), hello(&b, 1, 0)], true);
+    for round in 0..4 {
+        let i = round * 2;
+        let msgs = [
+            sums_a[i].clone(),
+            sums_b[i].clone(),
+            sums_a[i + 1].clone(),
+            sums_b[i + 1].clone(),
+        ];
+        // Odd rounds read lazily, even ones prefetch: both see the other replica's commits.
+        assert_eq!(batch_of(&msgs, round % 2 == 0), vec![accepted; 4]);
+        // The same messages again, on the other replica: all refused.
+        assert_eq!(batch_of(&msgs, round % 2 == 1), vec![duplicate; 4]);
+    }
+    for id in ["dev-a", "dev-b"] {
+        let state = store.device_state(id).unwrap().unwrap();
+        assert_eq!((state.summaries, state.lost_summaries), (8, 0), "{id}");
+    }
+    let start = T0.div_euclid(300_000) * 300_000;
+    let w = store
+        .cohort_window("tag:site=north", start)
+        .unwrap()
+        .unwrap();
+    let agg: WindowAgg = serde_json::from_value(w.agg).unwrap();
+    assert_eq!((agg.summaries, agg.inferences), (16, 800));
+    let w = store.device_window("dev-a", start).unwrap().unwrap();
+    let agg: WindowAgg = serde_json::from_value(w.agg).unwrap();
+    assert_eq!(agg.summaries, 8);
+}

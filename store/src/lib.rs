@@ -1,19 +1,29 @@
-//! The state database: one SQLite file under the data directory (the embedded default).
+//! The state database: one SQLite file under the data directory (the embedded default,
+//! [`Store::open`]), or a PostgreSQL database shared by several `serve` replicas
+//! ([`Store::open_postgres`]). Both have the same schema and migrations and the same API.
 //!
 //! It holds the device registry (credentials hashed, message keys derived, never stored), each
 //! device's presence and latest health, the replay windows that make deduplication survive
 //! restarts, windowed aggregates per device and per cohort, and the ingest counters.
 //!
-//! Invariants:
+//! Invariants (both backends):
 //! - Nothing else touches these tables; other crates go through [`Store`] and [`Registry`].
 //! - One ingest batch is one transaction ([`Store::commit`]): replay windows, device state,
 //!   aggregates and counters move together, so a crash never counts a summary twice or half.
-//! - No secret is stored in plain text, logged, or printed by `Debug`.
+//! - Processes sharing the database serialise read-modify-write work with
+//!   [`Store::exclusive`]; the registry's in-memory map catches up with other processes by
+//!   lookups of unknown ids and [`Registry::refresh`].
+//! - No secret is stored in plain text, logged, or printed by `Debug`; errors never show the
+//!   PostgreSQL password.
 //!
-//! The store is synchronous (rusqlite); async callers use `spawn_blocking`.
+//! The store is synchronous (rusqlite, the sync `postgres` client); async callers use
+//! `spawn_blocking`. (A PostgreSQL call made on an async worker anyway does not panic, see
+//! `db.rs`, but blocks that worker as SQLite does.)
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod backup;
+mod db;
 mod lock;
 mod models;
 mod monitoring;
@@ -21,12 +31,16 @@ mod registry;
 mod rollouts;
 mod schema;
 mod state;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests_replicas;
 mod ui_queries;
 
 pub use lock::ExclusiveGuard;
 pub use models::{ModelVersion, PatchRecord};
 pub use monitoring::{DriftInput, OfflineDevice, ProfileInfo, parse_cohort_key};
-pub use registry::{Credentials, DeviceRecord, Registry};
+pub use registry::{Credentials, DeviceRecord, LOOKUP_BURST, LOOKUP_RATE, MISS_TTL, Registry};
 pub use rollouts::RolloutRow;
 pub use state::{
     Batch, CohortWindow, DeviceListItem, DeviceOta, DevicePage, DeviceQuery, DeviceState,
@@ -38,6 +52,10 @@ pub use state::{
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A PostgreSQL error, as text (server message and SQLSTATE, or the connection's cause);
+    /// never the connection's password.
+    #[error("PostgreSQL error: {0}")]
+    Postgres(String),
     #[error("cannot use data directory {path}: {source}")]
     Io {
         path: std::path::PathBuf,

@@ -5,8 +5,9 @@
 //! Like window aggregates, profiles, evaluations and snapshots are opaque JSON here: the drift
 //! and alerts crates own their shapes, the store only keeps them durably.
 
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
+
+use crate::db::{P, Ty, Upsert, args};
 
 use crate::registry::lock;
 use crate::state::Store;
@@ -59,107 +60,110 @@ impl Store {
         now_ms: i64,
     ) -> Result<()> {
         lock(self.conn()).execute(
-            "INSERT OR REPLACE INTO profiles (model_id, model_version, profile, updated_ms, \
-             updated_by) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![model_id, model_version, profile_json, now_ms, by],
+            "INSERT INTO profiles (model_id, model_version, profile, updated_ms, updated_by) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (model_id, model_version) DO UPDATE SET \
+             profile = excluded.profile, updated_ms = excluded.updated_ms, \
+             updated_by = excluded.updated_by",
+            args![model_id, model_version, profile_json, now_ms, by],
         )?;
         Ok(())
     }
 
     /// The profile of a model version (JSON), if stored.
     pub fn profile(&self, model_id: &str, model_version: &str) -> Result<Option<String>> {
-        Ok(lock(self.conn())
-            .query_row(
+        lock(self.conn())
+            .query_opt(
                 "SELECT profile FROM profiles WHERE model_id = ?1 AND model_version = ?2",
-                params![model_id, model_version],
-                |r| r.get(0),
-            )
-            .optional()?)
+                args![model_id, model_version],
+            )?
+            .map(|mut r| r.text(0))
+            .transpose()
     }
 
     /// Every stored profile's key, ordered by model and version.
     pub fn profile_list(&self) -> Result<Vec<ProfileInfo>> {
-        let conn = lock(self.conn());
-        let mut st = conn.prepare_cached(
-            "SELECT model_id, model_version, updated_ms, updated_by FROM profiles \
-             ORDER BY model_id, model_version",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(ProfileInfo {
-                model_id: r.get(0)?,
-                model_version: r.get(1)?,
-                updated_ms: r.get(2)?,
-                updated_by: r.get(3)?,
+        lock(self.conn())
+            .query(
+                "SELECT model_id, model_version, updated_ms, updated_by FROM profiles \
+                 ORDER BY model_id, model_version",
+                &[],
+            )?
+            .into_iter()
+            .map(|mut r| {
+                Ok(ProfileInfo {
+                    model_id: r.text(0)?,
+                    model_version: r.text(1)?,
+                    updated_ms: r.i64(2)?,
+                    updated_by: r.text(3)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .collect()
     }
 
     /// Every stored profile as `(model_id, model_version, JSON)`.
     pub fn profiles(&self) -> Result<Vec<(String, String, String)>> {
-        let conn = lock(self.conn());
-        let mut st =
-            conn.prepare_cached("SELECT model_id, model_version, profile FROM profiles")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        lock(self.conn())
+            .query("SELECT model_id, model_version, profile FROM profiles", &[])?
+            .into_iter()
+            .map(|mut r| Ok((r.text(0)?, r.text(1)?, r.text(2)?)))
+            .collect()
     }
 
     /// Every device window starting at `start_ms` of a device that is not revoked.
     pub fn drift_inputs(&self, start_ms: i64) -> Result<Vec<DriftInput>> {
-        let rows: Vec<(String, String, String)> = {
-            let conn = lock(self.conn());
-            let mut st = conn.prepare_cached(
-                "SELECT id, cohort, agg FROM device_windows WHERE start_ms = ?1 ORDER BY id",
-            )?;
-            let rows = st.query_map([start_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
+        let rows = lock(self.conn()).query(
+            "SELECT id, cohort, agg FROM device_windows WHERE start_ms = ?1 ORDER BY id",
+            args![start_ms],
+        )?;
         let registry = self.registry();
-        Ok(rows
-            .into_iter()
-            .filter_map(|(id, cohort, agg_json)| {
-                let record = registry.get(&id)?;
-                record.revoked_ms.is_none().then_some(DriftInput {
+        let mut out = Vec::with_capacity(rows.len());
+        for mut r in rows {
+            let id = r.text(0)?;
+            let Some(record) = registry.get(&id) else {
+                continue;
+            };
+            if record.revoked_ms.is_none() {
+                out.push(DriftInput {
                     id,
-                    cohort,
+                    cohort: r.text(1)?,
                     tags: record.tags,
-                    agg_json,
-                })
-            })
-            .collect())
+                    agg_json: r.text(2)?,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// The oldest device window start at or after `since_ms`, if any.
     pub fn first_window_since(&self, since_ms: i64) -> Result<Option<i64>> {
-        Ok(lock(self.conn()).query_row(
-            "SELECT MIN(start_ms) FROM device_windows WHERE start_ms >= ?1",
-            [since_ms],
-            |r| r.get(0),
-        )?)
+        lock(self.conn())
+            .query_one(
+                "SELECT MIN(start_ms) FROM device_windows WHERE start_ms >= ?1",
+                args![since_ms],
+            )?
+            .opt_i64(0)
     }
 
     /// Devices (not revoked) that were seen and are now offline.
     pub fn offline_devices(&self) -> Result<Vec<OfflineDevice>> {
-        let rows: Vec<OfflineDevice> = {
-            let conn = lock(self.conn());
-            let mut st = conn.prepare_cached(
-                "SELECT id, offline_reason, last_seen_ms FROM device_state \
-                 WHERE online = 0 AND last_seen_ms IS NOT NULL ORDER BY id",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(OfflineDevice {
-                    id: r.get(0)?,
-                    reason: r.get(1)?,
-                    last_seen_ms: r.get(2)?,
-                })
-            })?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
+        let rows = lock(self.conn()).query(
+            "SELECT id, offline_reason, last_seen_ms FROM device_state \
+             WHERE online = 0 AND last_seen_ms IS NOT NULL ORDER BY id",
+            &[],
+        )?;
         let registry = self.registry();
-        Ok(rows
-            .into_iter()
-            .filter(|d| registry.get(&d.id).is_some_and(|r| r.revoked_ms.is_none()))
-            .collect())
+        let mut out = Vec::with_capacity(rows.len());
+        for mut r in rows {
+            let d = OfflineDevice {
+                id: r.text(0)?,
+                reason: r.opt_text(1)?,
+                last_seen_ms: r.i64(2)?,
+            };
+            if registry.get(&d.id).is_some_and(|r| r.revoked_ms.is_none()) {
+                out.push(d);
+            }
+        }
+        Ok(out)
     }
 
     /// Records one drift evaluation (replacing an earlier one of the same window).
@@ -170,24 +174,25 @@ impl Store {
         now_ms: i64,
     ) -> Result<()> {
         lock(self.conn()).execute(
-            "INSERT OR REPLACE INTO drift_evaluations (window_start_ms, evaluated_ms, evaluation) \
-             VALUES (?1, ?2, ?3)",
-            params![window_start_ms, now_ms, evaluation_json],
+            "INSERT INTO drift_evaluations (window_start_ms, evaluated_ms, evaluation) \
+             VALUES (?1, ?2, ?3) ON CONFLICT (window_start_ms) DO UPDATE SET \
+             evaluated_ms = excluded.evaluated_ms, evaluation = excluded.evaluation",
+            args![window_start_ms, now_ms, evaluation_json],
         )?;
         Ok(())
     }
 
     /// Drift evaluations of windows starting at or after `since_ms`, newest first.
     pub fn drift_evaluations(&self, since_ms: i64, limit: usize) -> Result<Vec<(i64, String)>> {
-        let conn = lock(self.conn());
-        let mut st = conn.prepare_cached(
-            "SELECT window_start_ms, evaluation FROM drift_evaluations \
-             WHERE window_start_ms >= ?1 ORDER BY window_start_ms DESC LIMIT ?2",
-        )?;
-        let rows = st.query_map(params![since_ms, limit as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-        rows.collect::<rusqlite::Result<_>>()
+        lock(self.conn())
+            .query(
+                "SELECT window_start_ms, evaluation FROM drift_evaluations \
+                 WHERE window_start_ms >= ?1 ORDER BY window_start_ms DESC LIMIT ?2",
+                args![since_ms, limit.min(i64::MAX as usize) as i64],
+            )?
+            .into_iter()
+            .map(|mut r| Ok((r.i64(0)?, r.text(1)?)))
+            .collect::<Result<_>>()
             .map_err(|e| StoreError::Corrupt {
                 table: "drift_evaluations",
                 detail: e.to_string(),
@@ -196,38 +201,41 @@ impl Store {
 
     /// Deletes drift evaluations of windows that started before `before_ms`.
     pub fn prune_drift_evaluations(&self, before_ms: i64) -> Result<usize> {
-        Ok(lock(self.conn()).execute(
+        lock(self.conn()).execute(
             "DELETE FROM drift_evaluations WHERE window_start_ms < ?1",
-            [before_ms],
-        )?)
+            args![before_ms],
+        )
     }
 
     /// Stores named service state; several names in one transaction, so snapshots that belong
     /// together (the engine and the cursor past the window it evaluated) move together.
     pub fn put_service_state(&self, entries: &[(&str, &str)], now_ms: i64) -> Result<()> {
-        let mut conn = lock(self.conn());
-        let tx = conn.transaction()?;
-        {
-            let mut st = tx.prepare_cached(
-                "INSERT OR REPLACE INTO service_state (name, value, updated_ms) VALUES (?1, ?2, ?3)",
-            )?;
-            for (name, value) in entries {
-                st.execute(params![name, value, now_ms])?;
-            }
+        const SERVICE_STATE: Upsert = Upsert {
+            table: "service_state",
+            columns: &[
+                ("name", Ty::Text),
+                ("value", Ty::Text),
+                ("updated_ms", Ty::Int),
+            ],
+            key: 1,
+            only_if: None,
+        };
+        let mut v = Vec::with_capacity(entries.len() * 3);
+        for (name, value) in entries {
+            v.extend([P::from(*name), P::from(*value), P::from(now_ms)]);
         }
-        tx.commit()?;
-        Ok(())
+        lock(self.conn()).transaction(|db| db.upsert(&SERVICE_STATE, &v))
     }
 
     /// Named service state, if stored.
     pub fn service_state(&self, name: &str) -> Result<Option<String>> {
-        Ok(lock(self.conn())
-            .query_row(
+        lock(self.conn())
+            .query_opt(
                 "SELECT value FROM service_state WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()?)
+                args![name],
+            )?
+            .map(|mut r| r.text(0))
+            .transpose()
     }
 }
 
@@ -249,82 +257,83 @@ mod tests {
 
     #[test]
     fn monitoring_records_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = Store::open(dir.path()).unwrap();
-            store
-                .put_profile("kws", "1", r#"{"a":1}"#, "ops", 5)
-                .unwrap();
-            store
-                .put_profile("kws", "1", r#"{"a":2}"#, "ops", 6)
-                .unwrap();
-            store
-                .put_service_state(&[("engine", "{}"), ("cursor", "60000")], 7)
-                .unwrap();
-            store.put_drift_evaluation(0, "{}", 8).unwrap();
-            store.put_drift_evaluation(60_000, r#"{"w":1}"#, 9).unwrap();
-            let reg = store.registry();
-            reg.provision("d1", BTreeMap::from([("site".into(), "a".into())]))
-                .unwrap();
-            reg.provision("d2", BTreeMap::new()).unwrap();
-            reg.provision("d3", BTreeMap::new()).unwrap();
-            let window = |id: &str| WindowWrite {
-                key: id.into(),
-                start_ms: 60_000,
-                cohort: Some("kws@1/nrf".into()),
-                json: "{}".into(),
-            };
-            let offline = |id: &str, online: bool| DeviceState {
-                id: id.into(),
-                presence: Presence {
-                    online,
-                    offline_reason: (!online).then(|| "will".to_owned()),
-                    ..Presence::default()
-                },
-                last_seen_ms: Some(50),
-                ..DeviceState::default()
-            };
-            store
-                .commit(&Batch {
-                    device_windows: vec![window("d1"), window("d2"), window("d3")],
-                    states: vec![
-                        offline("d1", false),
-                        offline("d2", true),
-                        offline("d3", false),
-                    ],
-                    ..Batch::default()
-                })
-                .unwrap();
-            reg.revoke("d3").unwrap();
+        for t in crate::testing::TestDb::all() {
+            {
+                let store = t.open();
+                store
+                    .put_profile("kws", "1", r#"{"a":1}"#, "ops", 5)
+                    .unwrap();
+                store
+                    .put_profile("kws", "1", r#"{"a":2}"#, "ops", 6)
+                    .unwrap();
+                store
+                    .put_service_state(&[("engine", "{}"), ("cursor", "60000")], 7)
+                    .unwrap();
+                store.put_drift_evaluation(0, "{}", 8).unwrap();
+                store.put_drift_evaluation(60_000, r#"{"w":1}"#, 9).unwrap();
+                let reg = store.registry();
+                reg.provision("d1", BTreeMap::from([("site".into(), "a".into())]))
+                    .unwrap();
+                reg.provision("d2", BTreeMap::new()).unwrap();
+                reg.provision("d3", BTreeMap::new()).unwrap();
+                let window = |id: &str| WindowWrite {
+                    key: id.into(),
+                    start_ms: 60_000,
+                    cohort: Some("kws@1/nrf".into()),
+                    json: "{}".into(),
+                };
+                let offline = |id: &str, online: bool| DeviceState {
+                    id: id.into(),
+                    presence: Presence {
+                        online,
+                        offline_reason: (!online).then(|| "will".to_owned()),
+                        ..Presence::default()
+                    },
+                    last_seen_ms: Some(50),
+                    ..DeviceState::default()
+                };
+                store
+                    .commit(&Batch {
+                        device_windows: vec![window("d1"), window("d2"), window("d3")],
+                        states: vec![
+                            offline("d1", false),
+                            offline("d2", true),
+                            offline("d3", false),
+                        ],
+                        ..Batch::default()
+                    })
+                    .unwrap();
+                reg.revoke("d3").unwrap();
+            }
+            let store = t.open();
+            assert_eq!(
+                store.profile("kws", "1").unwrap().as_deref(),
+                Some(r#"{"a":2}"#)
+            );
+            assert_eq!(store.profile("kws", "2").unwrap(), None);
+            assert_eq!(store.profile_list().unwrap()[0].updated_ms, 6);
+            assert_eq!(store.profiles().unwrap().len(), 1);
+            assert_eq!(
+                store.service_state("cursor").unwrap().as_deref(),
+                Some("60000")
+            );
+            assert_eq!(store.service_state("nope").unwrap(), None);
+            let evals = store.drift_evaluations(0, 10).unwrap();
+            assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [60_000, 0]);
+            assert_eq!(store.prune_drift_evaluations(60_000).unwrap(), 1);
+            let inputs = store.drift_inputs(60_000).unwrap();
+            assert_eq!(
+                inputs.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+                ["d1", "d2"],
+                "revoked devices are not evaluated"
+            );
+            assert_eq!(inputs[0].tags["site"], "a");
+            assert_eq!(store.first_window_since(0).unwrap(), Some(60_000));
+            assert_eq!(store.first_window_since(60_001).unwrap(), None);
+            let off = store.offline_devices().unwrap();
+            assert_eq!(off.len(), 1);
+            assert_eq!(off[0].id, "d1");
+            assert_eq!(off[0].reason.as_deref(), Some("will"));
         }
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(
-            store.profile("kws", "1").unwrap().as_deref(),
-            Some(r#"{"a":2}"#)
-        );
-        assert_eq!(store.profile("kws", "2").unwrap(), None);
-        assert_eq!(store.profile_list().unwrap()[0].updated_ms, 6);
-        assert_eq!(store.profiles().unwrap().len(), 1);
-        assert_eq!(
-            store.service_state("cursor").unwrap().as_deref(),
-            Some("60000")
-        );
-        assert_eq!(store.service_state("nope").unwrap(), None);
-        let evals = store.drift_evaluations(0, 10).unwrap();
-        assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [60_000, 0]);
-        assert_eq!(store.prune_drift_evaluations(60_000).unwrap(), 1);
-        let inputs = store.drift_inputs(60_000).unwrap();
-        assert_eq!(
-            inputs.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
-            ["d1", "d2"],
-            "revoked devices are not evaluated"
-        );
-        assert_eq!(inputs[0].tags["site"], "a");
-        assert_eq!(store.first_window_since(0).unwrap(), Some(60_000));
-        assert_eq!(store.first_window_since(60_001).unwrap(), None);
-        let off = store.offline_devices().unwrap();
-        assert_eq!(off.len(), 1);
-        assert_eq!(off[0].id, "d1");
-        assert_eq!(off[0].reason.as_deref(), Some("will"));
     }
 }

@@ -7,9 +7,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 use serde::Serialize;
 
+use crate::db::{Db, Dialect, P, Ty, Upsert, args};
+use crate::lock::LockConnections;
 use crate::registry::{Registry, lock};
 use crate::{Result, StoreError};
 
@@ -163,9 +165,12 @@ pub struct DeviceListItem {
 /// The state database.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    db: Arc<Mutex<Db>>,
     path: PathBuf,
+    data_dir: PathBuf,
     registry: Registry,
+    /// PostgreSQL only: the connections [`Store::exclusive`] sections are held on.
+    lock_connections: Option<Arc<LockConnections>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -183,41 +188,219 @@ fn opt_u32(v: Option<i64>) -> Option<u32> {
     v.and_then(|v| u32::try_from(v).ok())
 }
 
-impl Store {
-    /// Opens (creating if needed) `<data_dir>/tinyfleet.db` and the master key beside it.
-    pub fn open(data_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io {
-            path: data_dir.to_owned(),
-            source,
+fn create_dir(data_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io {
+        path: data_dir.to_owned(),
+        source,
+    })
+}
+
+const SELECT_STATE: &str = "SELECT id, online, offline_reason, hello_boot, hello_seq, fw, \
+     model_id, model_version, model_seq, hw, caps, last_seen_ms, health, health_boot, health_seq, \
+     health_uptime_ms, summaries, lost_summaries, updated_ms FROM device_state";
+
+fn state_from_row(mut r: crate::db::Row) -> Result<DeviceState> {
+    let health = r
+        .opt_text(12)?
+        .map(|h| serde_json::from_str(&h))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt {
+            table: "device_state",
+            detail: e.to_string(),
         })?;
+    Ok(DeviceState {
+        id: r.text(0)?,
+        presence: Presence {
+            online: r.bool(1)?,
+            offline_reason: r.opt_text(2)?,
+            hello_boot: opt_u32(r.opt_i64(3)?),
+            hello_seq: opt_u32(r.opt_i64(4)?),
+        },
+        fw: r.opt_text(5)?,
+        model_id: r.opt_text(6)?,
+        model_version: r.opt_text(7)?,
+        model_seq: opt_u32(r.opt_i64(8)?),
+        hw: r.opt_text(9)?,
+        caps: opt_u32(r.opt_i64(10)?),
+        last_seen_ms: r.opt_i64(11)?,
+        health,
+        health_boot: opt_u32(r.opt_i64(13)?),
+        health_seq: opt_u32(r.opt_i64(14)?),
+        health_uptime_ms: r.opt_i64(15)?.map(|v| v as u64),
+        summaries: r.i64(16)? as u64,
+        lost_summaries: r.i64(17)? as u64,
+        updated_ms: r.i64(18)?,
+    })
+}
+
+const REPLAY: Upsert = Upsert {
+    table: "replay",
+    columns: &[
+        ("id", Ty::Text),
+        ("kind", Ty::Int),
+        ("boot", Ty::Int),
+        ("max_seq", Ty::Int),
+        ("bitmap", Ty::Int),
+    ],
+    key: 2,
+    only_if: None,
+};
+
+const DEVICE_STATE: Upsert = Upsert {
+    table: "device_state",
+    columns: &[
+        ("id", Ty::Text),
+        ("online", Ty::Int),
+        ("offline_reason", Ty::Text),
+        ("hello_boot", Ty::Int),
+        ("hello_seq", Ty::Int),
+        ("fw", Ty::Text),
+        ("model_id", Ty::Text),
+        ("model_version", Ty::Text),
+        ("model_seq", Ty::Int),
+        ("hw", Ty::Text),
+        ("caps", Ty::Int),
+        ("last_seen_ms", Ty::Int),
+        ("health", Ty::Text),
+        ("health_boot", Ty::Int),
+        ("health_seq", Ty::Int),
+        ("health_uptime_ms", Ty::Int),
+        ("summaries", Ty::Int),
+        ("lost_summaries", Ty::Int),
+        ("updated_ms", Ty::Int),
+    ],
+    key: 1,
+    only_if: None,
+};
+
+const DEVICE_WINDOWS: Upsert = Upsert {
+    table: "device_windows",
+    columns: &[
+        ("id", Ty::Text),
+        ("start_ms", Ty::Int),
+        ("cohort", Ty::Text),
+        ("agg", Ty::Text),
+    ],
+    key: 2,
+    only_if: None,
+};
+
+const COHORT_WINDOWS: Upsert = Upsert {
+    table: "cohort_windows",
+    columns: &[
+        ("cohort", Ty::Text),
+        ("start_ms", Ty::Int),
+        ("agg", Ty::Text),
+    ],
+    key: 2,
+    only_if: None,
+};
+
+const COUNTERS: Upsert = Upsert {
+    table: "counters",
+    columns: &[("name", Ty::Text), ("value", Ty::Int)],
+    key: 1,
+    only_if: None,
+};
+
+const DEVICE_OTA: Upsert = Upsert {
+    table: "device_ota",
+    columns: &[
+        ("id", Ty::Text),
+        ("boot", Ty::Int),
+        ("seq", Ty::Int),
+        ("manifest_seq", Ty::Int),
+        ("state", Ty::Int),
+        ("bytes", Ty::Int),
+        ("error", Ty::Int),
+        ("received_ms", Ty::Int),
+    ],
+    key: 1,
+    only_if: Some("(excluded.boot, excluded.seq) > (device_ota.boot, device_ota.seq)"),
+};
+
+impl Store {
+    /// Opens (creating if needed) `<data_dir>/tinyfleet.db` and the master key beside it: the
+    /// embedded SQLite database, the default.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        create_dir(data_dir)?;
         let path = data_dir.join("tinyfleet.db");
         let mut conn = Connection::open(&path)?;
+        // Set first: processes opening the file at once wait for each other's locks, and for
+        // another process's migrations (which may take long on a big database).
+        conn.busy_timeout(std::time::Duration::from_secs(120))?;
         // WAL with full sync: a commit that returned is on disk, and readers do not block the
         // ingest writer.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        crate::schema::migrate_sqlite(&mut conn, &path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        crate::schema::migrate(&mut conn, &path)?;
-        let conn = Arc::new(Mutex::new(conn));
-        let registry = Registry::open(conn.clone(), data_dir)?;
-        Ok(Self {
-            conn,
+        Self::assemble(Db::Sqlite(conn), path, data_dir, None)
+    }
+
+    /// Opens the PostgreSQL database at `url` (`postgres://user:password@host:port/db`, or
+    /// `key=value` settings), migrating it if needed, for several `serve` replicas sharing it.
+    /// `data_dir` still holds the master key (the same file for every replica: copy it, or
+    /// share the directory) and the OTA artifacts. Errors never show the password.
+    pub fn open_postgres(data_dir: &Path, url: &str) -> Result<Self> {
+        create_dir(data_dir)?;
+        let config = crate::db::pg_config(url)?;
+        let path = PathBuf::from(crate::db::describe(&config));
+        let mut db = Db::Postgres(crate::db::Pg::connect(&config)?);
+        crate::schema::migrate_postgres(&mut db, &path)?;
+        Self::assemble(
+            db,
             path,
+            data_dir,
+            Some(Arc::new(LockConnections::new(config))),
+        )
+    }
+
+    fn assemble(
+        db: Db,
+        path: PathBuf,
+        data_dir: &Path,
+        lock_connections: Option<Arc<LockConnections>>,
+    ) -> Result<Self> {
+        let db = Arc::new(Mutex::new(db));
+        let registry = Registry::open(db.clone(), data_dir)?;
+        Ok(Self {
+            db,
+            path,
+            data_dir: data_dir.to_owned(),
             registry,
+            lock_connections,
         })
     }
 
+    /// The SQLite database file; for PostgreSQL, where the database is without credentials
+    /// (`postgres://user@host:port/db`, for messages).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The data directory (master key, OTA artifacts, lock files).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Whether this store is on PostgreSQL (shared by replicas) rather than SQLite.
+    pub fn is_postgres(&self) -> bool {
+        self.lock_connections.is_some()
     }
 
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
-    pub(crate) fn conn(&self) -> &Mutex<Connection> {
-        &self.conn
+    /// The database connection (`lock` it; see [`Db`]).
+    pub(crate) fn conn(&self) -> &Mutex<Db> {
+        &self.db
+    }
+
+    pub(crate) fn lock_connections(&self) -> Option<&Arc<LockConnections>> {
+        self.lock_connections.as_ref()
     }
 
     /// Writes a batch in one transaction.
@@ -225,199 +408,243 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut conn = lock(&self.conn);
-        let tx = conn.transaction()?;
-        {
-            let mut st = tx.prepare_cached(
-                "INSERT INTO replay (id, kind, boot, max_seq, bitmap) VALUES (?1, ?2, ?3, ?4, ?5) \
-                 ON CONFLICT (id, kind) DO UPDATE SET boot = ?3, max_seq = ?4, bitmap = ?5",
-            )?;
-            for (id, kind, w) in &batch.replay {
-                st.execute(params![id, kind, w.boot, w.max_seq, w.bitmap as i64])?;
-            }
-            let mut st = tx.prepare_cached(
-                "INSERT OR REPLACE INTO device_state (id, online, offline_reason, hello_boot, \
-                 hello_seq, fw, model_id, model_version, model_seq, hw, caps, last_seen_ms, \
-                 health, health_boot, health_seq, health_uptime_ms, summaries, lost_summaries, \
-                 updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, \
-                 ?14, ?15, ?16, ?17, ?18, ?19)",
-            )?;
-            for s in &batch.states {
-                st.execute(params![
-                    s.id,
-                    s.presence.online,
-                    s.presence.offline_reason,
-                    s.presence.hello_boot,
-                    s.presence.hello_seq,
-                    s.fw,
-                    s.model_id,
-                    s.model_version,
-                    s.model_seq,
-                    s.hw,
-                    s.caps,
-                    s.last_seen_ms,
-                    s.health.as_ref().map(|h| h.to_string()),
-                    s.health_boot,
-                    s.health_seq,
-                    s.health_uptime_ms.map(|v| v as i64),
-                    s.summaries as i64,
-                    s.lost_summaries as i64,
-                    s.updated_ms,
-                ])?;
-            }
-            let mut st = tx.prepare_cached(
-                "INSERT OR REPLACE INTO device_windows (id, start_ms, cohort, agg) \
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for w in &batch.device_windows {
-                st.execute(params![
-                    w.key,
-                    w.start_ms,
-                    w.cohort.as_deref().unwrap_or(""),
-                    w.json
-                ])?;
-            }
-            let mut st = tx.prepare_cached(
-                "INSERT OR REPLACE INTO cohort_windows (cohort, start_ms, agg) VALUES (?1, ?2, ?3)",
-            )?;
-            for w in &batch.cohort_windows {
-                st.execute(params![w.key, w.start_ms, w.json])?;
-            }
-            let mut st =
-                tx.prepare_cached("INSERT OR REPLACE INTO counters (name, value) VALUES (?1, ?2)")?;
-            for (name, value) in &batch.counters {
-                st.execute(params![name, value])?;
-            }
-            let mut st = tx.prepare_cached(
-                "INSERT INTO device_ota (id, boot, seq, manifest_seq, state, bytes, error, \
-                 received_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO UPDATE \
-                 SET boot = ?2, seq = ?3, manifest_seq = ?4, state = ?5, bytes = ?6, error = ?7, \
-                 received_ms = ?8 WHERE (?2, ?3) > (device_ota.boot, device_ota.seq)",
-            )?;
-            for o in &batch.ota {
-                st.execute(params![
-                    o.id,
-                    o.boot,
-                    o.seq,
-                    o.manifest_seq,
-                    o.state,
-                    o.bytes,
-                    o.error,
-                    o.received_ms
-                ])?;
+        let healths: Vec<Option<String>> = batch
+            .states
+            .iter()
+            .map(|s| s.health.as_ref().map(|h| h.to_string()))
+            .collect();
+        // The newest report per device by (boot, seq); the first of equals, as applying them
+        // one by one would keep.
+        let mut ota: BTreeMap<&str, &DeviceOta> = BTreeMap::new();
+        for o in &batch.ota {
+            match ota.get(o.id.as_str()) {
+                Some(kept) if (o.boot, o.seq) <= (kept.boot, kept.seq) => {}
+                _ => {
+                    ota.insert(&o.id, o);
+                }
             }
         }
-        tx.commit()?;
-        Ok(())
+        let mut db = lock(&self.db);
+        db.transaction(|db| {
+            let mut v: Vec<P<'_>> = Vec::new();
+            for (id, kind, w) in &batch.replay {
+                v.extend([
+                    P::from(id),
+                    P::from(*kind),
+                    P::from(w.boot),
+                    P::from(w.max_seq),
+                    P::Int(w.bitmap as i64),
+                ]);
+            }
+            db.upsert(&REPLAY, &v)?;
+            v.clear();
+            for (s, health) in batch.states.iter().zip(&healths) {
+                v.extend([
+                    P::from(&s.id),
+                    P::from(s.presence.online),
+                    P::from(s.presence.offline_reason.as_deref()),
+                    P::from(s.presence.hello_boot),
+                    P::from(s.presence.hello_seq),
+                    P::from(s.fw.as_deref()),
+                    P::from(s.model_id.as_deref()),
+                    P::from(s.model_version.as_deref()),
+                    P::from(s.model_seq),
+                    P::from(s.hw.as_deref()),
+                    P::from(s.caps),
+                    P::from(s.last_seen_ms),
+                    P::from(health.as_deref()),
+                    P::from(s.health_boot),
+                    P::from(s.health_seq),
+                    P::from(s.health_uptime_ms.map(|v| v as i64)),
+                    P::Int(s.summaries as i64),
+                    P::Int(s.lost_summaries as i64),
+                    P::from(s.updated_ms),
+                ]);
+            }
+            db.upsert(&DEVICE_STATE, &v)?;
+            v.clear();
+            for w in &batch.device_windows {
+                v.extend([
+                    P::from(&w.key),
+                    P::from(w.start_ms),
+                    P::from(w.cohort.as_deref().unwrap_or("")),
+                    P::from(&w.json),
+                ]);
+            }
+            db.upsert(&DEVICE_WINDOWS, &v)?;
+            v.clear();
+            for w in &batch.cohort_windows {
+                v.extend([P::from(&w.key), P::from(w.start_ms), P::from(&w.json)]);
+            }
+            db.upsert(&COHORT_WINDOWS, &v)?;
+            v.clear();
+            for (name, value) in &batch.counters {
+                v.extend([P::from(name), P::from(*value)]);
+            }
+            db.upsert(&COUNTERS, &v)?;
+            v.clear();
+            for o in ota.values() {
+                v.extend([
+                    P::from(&o.id),
+                    P::from(o.boot),
+                    P::from(o.seq),
+                    P::from(o.manifest_seq),
+                    P::from(o.state),
+                    P::from(o.bytes),
+                    P::from(o.error),
+                    P::from(o.received_ms),
+                ]);
+            }
+            db.upsert(&DEVICE_OTA, &v)
+        })
     }
 
     /// A device's newest OTA progress report.
     pub fn device_ota(&self, id: &str) -> Result<Option<DeviceOta>> {
-        Ok(lock(&self.conn)
-            .query_row(
+        lock(&self.db)
+            .query_opt(
                 "SELECT id, boot, seq, manifest_seq, state, bytes, error, received_ms \
                  FROM device_ota WHERE id = ?1",
-                params![id],
-                |r| {
-                    Ok(DeviceOta {
-                        id: r.get(0)?,
-                        boot: r.get(1)?,
-                        seq: r.get(2)?,
-                        manifest_seq: r.get(3)?,
-                        state: r.get(4)?,
-                        bytes: r.get(5)?,
-                        error: r.get(6)?,
-                        received_ms: r.get(7)?,
-                    })
-                },
-            )
-            .optional()?)
+                args![id],
+            )?
+            .map(|mut r| {
+                Ok(DeviceOta {
+                    id: r.text(0)?,
+                    boot: r.int(1)?,
+                    seq: r.int(2)?,
+                    manifest_seq: r.int(3)?,
+                    state: r.int(4)?,
+                    bytes: r.int(5)?,
+                    error: r.int(6)?,
+                    received_ms: r.i64(7)?,
+                })
+            })
+            .transpose()
     }
 
     pub fn replay_window(&self, id: &str, kind: u8) -> Result<Option<ReplayWindow>> {
-        Ok(lock(&self.conn)
-            .query_row(
+        lock(&self.db)
+            .query_opt(
                 "SELECT boot, max_seq, bitmap FROM replay WHERE id = ?1 AND kind = ?2",
-                params![id, kind],
-                |r| {
-                    Ok(ReplayWindow {
-                        boot: r.get(0)?,
-                        max_seq: r.get(1)?,
-                        bitmap: r.get::<_, i64>(2)? as u64,
-                    })
-                },
-            )
-            .optional()?)
+                args![id, kind],
+            )?
+            .map(|r| {
+                Ok(ReplayWindow {
+                    boot: r.int(0)?,
+                    max_seq: r.int(1)?,
+                    bitmap: r.i64(2)? as u64,
+                })
+            })
+            .transpose()
     }
 
     pub fn device_state(&self, id: &str) -> Result<Option<DeviceState>> {
-        let conn = lock(&self.conn);
-        let row = conn
-            .query_row(
-                "SELECT id, online, offline_reason, hello_boot, hello_seq, fw, model_id, \
-                 model_version, model_seq, hw, caps, last_seen_ms, health, health_boot, \
-                 health_seq, health_uptime_ms, summaries, lost_summaries, updated_ms \
-                 FROM device_state WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok((
-                        DeviceState {
-                            id: r.get(0)?,
-                            presence: Presence {
-                                online: r.get(1)?,
-                                offline_reason: r.get(2)?,
-                                hello_boot: opt_u32(r.get(3)?),
-                                hello_seq: opt_u32(r.get(4)?),
-                            },
-                            fw: r.get(5)?,
-                            model_id: r.get(6)?,
-                            model_version: r.get(7)?,
-                            model_seq: opt_u32(r.get(8)?),
-                            hw: r.get(9)?,
-                            caps: opt_u32(r.get(10)?),
-                            last_seen_ms: r.get(11)?,
-                            health: None,
-                            health_boot: opt_u32(r.get(13)?),
-                            health_seq: opt_u32(r.get(14)?),
-                            health_uptime_ms: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
-                            summaries: r.get::<_, i64>(16)? as u64,
-                            lost_summaries: r.get::<_, i64>(17)? as u64,
-                            updated_ms: r.get(18)?,
-                        },
-                        r.get::<_, Option<String>>(12)?,
-                    ))
+        lock(&self.db)
+            .query_opt(&format!("{SELECT_STATE} WHERE id = ?1"), args![id])?
+            .map(state_from_row)
+            .transpose()
+    }
+
+    /// Rows of `select` for each of `ids` (`WHERE id = ...`, then `tail`; `rest` are the
+    /// parameters from `?2` on): one round trip on PostgreSQL (`id = ANY(?1)`), one in-process
+    /// lookup per id on SQLite.
+    fn rows_for_ids(
+        &self,
+        select: &str,
+        tail: &str,
+        ids: &[&str],
+        rest: &[P<'_>],
+    ) -> Result<Vec<crate::db::Row>> {
+        let mut db = lock(&self.db);
+        match db.dialect() {
+            Dialect::Postgres => {
+                let mut args = vec![P::TextArray(ids)];
+                args.extend_from_slice(rest);
+                db.query(&format!("{select} WHERE id = ANY(?1){tail}"), &args)
+            }
+            Dialect::Sqlite => {
+                let sql = format!("{select} WHERE id = ?1{tail}");
+                let mut out = Vec::with_capacity(ids.len());
+                let mut args = vec![P::Null];
+                args.extend_from_slice(rest);
+                for id in ids {
+                    args[0] = P::Text(id);
+                    out.extend(db.query(&sql, &args)?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// The stored states of the devices among `ids` that have one (any order). For ingest
+    /// replicas, which read every device of a batch fresh under [`Store::exclusive`]: on
+    /// PostgreSQL one round trip instead of one per device.
+    pub fn device_states(&self, ids: &[&str]) -> Result<Vec<DeviceState>> {
+        self.rows_for_ids(SELECT_STATE, "", ids, &[])?
+            .into_iter()
+            .map(state_from_row)
+            .collect()
+    }
+
+    /// Every stored replay window (all kinds) of the devices among `ids`, as
+    /// `(device, kind, window)`, in one round trip like [`Store::device_states`].
+    pub fn replay_windows(&self, ids: &[&str]) -> Result<Vec<(String, u8, ReplayWindow)>> {
+        self.rows_for_ids(
+            "SELECT id, kind, boot, max_seq, bitmap FROM replay",
+            "",
+            ids,
+            &[],
+        )?
+        .into_iter()
+        .map(|mut r| {
+            Ok((
+                r.text(0)?,
+                r.int(1)?,
+                ReplayWindow {
+                    boot: r.int(2)?,
+                    max_seq: r.int(3)?,
+                    bitmap: r.i64(4)? as u64,
                 },
-            )
-            .optional()?;
-        row.map(|(mut s, health)| {
-            s.health = health
-                .map(|h| serde_json::from_str(&h))
-                .transpose()
-                .map_err(|e| StoreError::Corrupt {
-                    table: "device_state",
-                    detail: e.to_string(),
-                })?;
-            Ok(s)
+            ))
         })
-        .transpose()
+        .collect()
+    }
+
+    /// The stored windows starting at `start_ms` of the devices among `ids`, in one round trip
+    /// like [`Store::device_states`].
+    pub fn device_windows_at(&self, ids: &[&str], start_ms: i64) -> Result<Vec<DeviceWindow>> {
+        self.rows_for_ids(
+            "SELECT id, start_ms, cohort, agg FROM device_windows",
+            " AND start_ms = ?2",
+            ids,
+            args![start_ms],
+        )?
+        .into_iter()
+        .map(|mut r| {
+            Ok(DeviceWindow {
+                id: r.text(0)?,
+                start_ms: r.i64(1)?,
+                cohort: r.text(2)?,
+                agg: Self::parse("device_windows", &r.text(3)?)?,
+            })
+        })
+        .collect()
     }
 
     fn json_rows(
         &self,
         sql: &str,
-        params: impl rusqlite::Params,
+        args: &[P<'_>],
         table: &'static str,
     ) -> Result<Vec<(String, i64, String, String)>> {
-        let conn = lock(&self.conn);
-        let mut st = conn.prepare_cached(sql)?;
-        let rows = st.query_map(params, |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?))
-        })?;
-        let out: rusqlite::Result<Vec<_>> = rows.collect();
-        out.map_err(|e| StoreError::Corrupt {
-            table,
-            detail: e.to_string(),
-        })
+        let rows = lock(&self.db).query(sql, args)?;
+        rows.into_iter()
+            .map(|mut r| Ok((r.text(0)?, r.i64(1)?, r.text(2)?, r.text(3)?)))
+            .collect::<Result<_>>()
+            .map_err(|e| StoreError::Corrupt {
+                table,
+                detail: e.to_string(),
+            })
     }
 
     fn parse(table: &'static str, json: &str) -> Result<serde_json::Value> {
@@ -437,7 +664,7 @@ impl Store {
         self.json_rows(
             "SELECT id, start_ms, cohort, agg FROM device_windows WHERE id = ?1 AND start_ms >= ?2 \
              ORDER BY start_ms LIMIT ?3",
-            params![id, since_ms, limit as i64],
+            args![id, since_ms, limit.min(i64::MAX as usize) as i64],
             "device_windows",
         )?
         .into_iter()
@@ -470,7 +697,7 @@ impl Store {
         self.json_rows(
             "SELECT cohort, start_ms, '', agg FROM cohort_windows WHERE cohort = ?1 AND start_ms >= ?2 \
              ORDER BY start_ms LIMIT ?3",
-            params![cohort, since_ms, limit as i64],
+            args![cohort, since_ms, limit.min(i64::MAX as usize) as i64],
             "cohort_windows",
         )?
         .into_iter()
@@ -494,56 +721,64 @@ impl Store {
 
     /// Every cohort with its number of stored windows and newest window start.
     pub fn cohorts(&self) -> Result<Vec<(String, u64, i64)>> {
-        let conn = lock(&self.conn);
-        let mut st = conn.prepare_cached(
-            "SELECT cohort, COUNT(*), MAX(start_ms) FROM cohort_windows GROUP BY cohort ORDER BY cohort",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        lock(&self.db)
+            .query(
+                "SELECT cohort, COUNT(*), MAX(start_ms) FROM cohort_windows GROUP BY cohort \
+                 ORDER BY cohort",
+                &[],
+            )?
+            .into_iter()
+            .map(|mut r| Ok((r.text(0)?, r.i64(1)? as u64, r.i64(2)?)))
+            .collect()
     }
 
     /// Distinct devices that reported in a cohort window.
     pub fn cohort_window_devices(&self, cohort: &str, start_ms: i64) -> Result<u64> {
-        Ok(lock(&self.conn).query_row(
-            "SELECT COUNT(*) FROM device_windows WHERE cohort = ?1 AND start_ms = ?2",
-            params![cohort, start_ms],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+        Ok(lock(&self.db)
+            .query_one(
+                "SELECT COUNT(*) FROM device_windows WHERE cohort = ?1 AND start_ms = ?2",
+                args![cohort, start_ms],
+            )?
+            .i64(0)? as u64)
     }
 
     pub fn counters(&self) -> Result<BTreeMap<String, i64>> {
-        let conn = lock(&self.conn);
-        let mut st = conn.prepare_cached("SELECT name, value FROM counters")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        lock(&self.db)
+            .query("SELECT name, value FROM counters", &[])?
+            .into_iter()
+            .map(|mut r| Ok((r.text(0)?, r.i64(1)?)))
+            .collect()
     }
 
     /// Lists devices with filters and cursor paging, ordered by id.
     pub fn list_devices(&self, q: &DeviceQuery) -> Result<DevicePage> {
+        let mut db = lock(&self.db);
+        let dialect = db.dialect();
         let mut sql = String::from(
             "SELECT d.id, d.tags, d.revoked_ms, s.online, s.model_id, s.model_version, s.hw, s.fw, \
              s.last_seen_ms, s.lost_summaries FROM devices d LEFT JOIN device_state s ON s.id = d.id \
              WHERE d.id > ?1",
         );
-        let mut args: Vec<rusqlite::types::Value> =
-            vec![q.after.clone().unwrap_or_default().into()];
+        let after = q.after.clone().unwrap_or_default();
+        let mut args: Vec<String> = Vec::new();
         if let Some(cohort) = &q.cohort {
-            args.push(cohort.clone().into());
+            args.push(cohort.clone());
             sql.push_str(&format!(
                 " AND s.model_id || '@' || s.model_version || '/' || s.hw = ?{}",
-                args.len()
+                args.len() + 1
             ));
         }
         if let Some((k, v)) = &q.tag {
-            args.push(format!("$.\"{}\"", k.replace('"', "")).into());
-            args.push(v.clone().into());
-            sql.push_str(&format!(
-                " AND json_extract(d.tags, ?{}) = ?{}",
-                args.len() - 1,
-                args.len()
-            ));
+            match dialect {
+                Dialect::Sqlite => args.push(format!("$.\"{}\"", k.replace('"', ""))),
+                Dialect::Postgres => args.push(k.clone()),
+            }
+            args.push(v.clone());
+            let (path, value) = (args.len(), args.len() + 1);
+            sql.push_str(&match dialect {
+                Dialect::Sqlite => format!(" AND json_extract(d.tags, ?{path}) = ?{value}"),
+                Dialect::Postgres => format!(" AND (d.tags::jsonb ->> ?{path}) = ?{value}"),
+            });
         }
         match q.state.as_deref() {
             None => {}
@@ -563,30 +798,34 @@ impl Store {
             }
         }
         let limit = q.limit.clamp(1, 1000);
-        args.push(((limit + 1) as i64).into());
-        sql.push_str(&format!(" ORDER BY d.id LIMIT ?{}", args.len()));
-        let conn = lock(&self.conn);
-        let mut st = conn.prepare(&sql)?;
-        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
-            let model_id: Option<String> = r.get(4)?;
-            let model_version: Option<String> = r.get(5)?;
-            let hw: Option<String> = r.get(6)?;
-            let cohort = match (&model_id, &model_version, &hw) {
-                (Some(m), Some(v), Some(h)) => Some(cohort_key(m, v, h)),
-                _ => None,
-            };
-            Ok(DeviceListItem {
-                id: r.get(0)?,
-                tags: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
-                revoked: r.get::<_, Option<i64>>(2)?.is_some(),
-                online: r.get::<_, Option<bool>>(3)?.unwrap_or(false),
-                cohort,
-                fw: r.get(7)?,
-                last_seen_ms: r.get(8)?,
-                lost_summaries: r.get::<_, Option<i64>>(9)?.unwrap_or(0) as u64,
+        sql.push_str(&format!(" ORDER BY d.id LIMIT ?{}", args.len() + 2));
+        let mut params: Vec<P<'_>> = vec![P::from(&after)];
+        params.extend(args.iter().map(P::from));
+        params.push(P::Int((limit + 1) as i64));
+        let rows = db.query(&sql, &params)?;
+        drop(db);
+        let mut devices = rows
+            .into_iter()
+            .map(|mut r| {
+                let model_id = r.opt_text(4)?;
+                let model_version = r.opt_text(5)?;
+                let hw = r.opt_text(6)?;
+                let cohort = match (&model_id, &model_version, &hw) {
+                    (Some(m), Some(v), Some(h)) => Some(cohort_key(m, v, h)),
+                    _ => None,
+                };
+                Ok(DeviceListItem {
+                    id: r.text(0)?,
+                    tags: serde_json::from_str(&r.text(1)?).unwrap_or_default(),
+                    revoked: r.opt_i64(2)?.is_some(),
+                    online: r.opt_bool(3)?.unwrap_or(false),
+                    cohort,
+                    fw: r.opt_text(7)?,
+                    last_seen_ms: r.opt_i64(8)?,
+                    lost_summaries: r.opt_i64(9)?.unwrap_or(0) as u64,
+                })
             })
-        })?;
-        let mut devices: Vec<DeviceListItem> = rows.collect::<rusqlite::Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?;
         let next = if devices.len() > limit {
             devices.truncate(limit);
             devices.last().map(|d| d.id.clone())
@@ -598,14 +837,14 @@ impl Store {
 
     /// Deletes windows that started before `before_ms`; returns how many rows went.
     pub fn prune_windows(&self, before_ms: i64) -> Result<usize> {
-        let conn = lock(&self.conn);
-        let a = conn.execute(
+        let mut db = lock(&self.db);
+        let a = db.execute(
             "DELETE FROM device_windows WHERE start_ms < ?1",
-            [before_ms],
+            args![before_ms],
         )?;
-        let b = conn.execute(
+        let b = db.execute(
             "DELETE FROM cohort_windows WHERE start_ms < ?1",
-            [before_ms],
+            args![before_ms],
         )?;
         Ok(a + b)
     }
@@ -613,11 +852,14 @@ impl Store {
     /// Ids of active devices whose state says online but that were last seen before
     /// `before_ms` (candidates for the inactivity timer).
     pub fn silent_online_devices(&self, before_ms: i64) -> Result<Vec<String>> {
-        let conn = lock(&self.conn);
-        let mut st = conn
-            .prepare_cached("SELECT id FROM device_state WHERE online = 1 AND last_seen_ms < ?1")?;
-        let rows = st.query_map([before_ms], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        lock(&self.db)
+            .query(
+                "SELECT id FROM device_state WHERE online = 1 AND last_seen_ms < ?1",
+                args![before_ms],
+            )?
+            .into_iter()
+            .map(|mut r| r.text(0))
+            .collect()
     }
 }
 
@@ -628,145 +870,208 @@ mod tests {
 
     #[test]
     fn ota_progress_keeps_the_newest_report_by_boot_and_seq() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let report = |boot, seq, state| DeviceOta {
-            id: "d1".into(),
-            boot,
-            seq,
-            manifest_seq: 7,
-            state,
-            bytes: seq * 100,
-            error: 0,
-            received_ms: 1,
-        };
-        for (boot, seq, state) in [(1, 5, 2), (1, 3, 1), (2, 1, 5), (1, 9, 6)] {
-            let batch = Batch {
-                ota: vec![report(boot, seq, state)],
-                ..Batch::default()
+        for t in crate::testing::TestDb::all() {
+            let store = t.open();
+            let report = |boot, seq, state| DeviceOta {
+                id: "d1".into(),
+                boot,
+                seq,
+                manifest_seq: 7,
+                state,
+                bytes: seq * 100,
+                error: 0,
+                received_ms: 1,
             };
-            store.commit(&batch).unwrap();
+            for (boot, seq, state) in [(1, 5, 2), (1, 3, 1), (2, 1, 5), (1, 9, 6)] {
+                let batch = Batch {
+                    ota: vec![report(boot, seq, state)],
+                    ..Batch::default()
+                };
+                store.commit(&batch).unwrap();
+            }
+            // (2, 1) is the newest; the late (1, 3) and (1, 9) change nothing.
+            assert_eq!(store.device_ota("d1").unwrap(), Some(report(2, 1, 5)));
+            assert_eq!(store.device_ota("d2").unwrap(), None);
         }
-        // (2, 1) is the newest; the late (1, 3) and (1, 9) change nothing.
-        assert_eq!(store.device_ota("d1").unwrap(), Some(report(2, 1, 5)));
-        assert_eq!(store.device_ota("d2").unwrap(), None);
     }
 
     #[test]
     fn batches_commit_and_read_back_after_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = Store::open(dir.path()).unwrap();
-            store
-                .registry()
-                .provision("d1", BTreeMap::from([("site".into(), "north".into())]))
-                .unwrap();
-            store.registry().provision("d2", BTreeMap::new()).unwrap();
-            let batch = Batch {
-                replay: vec![(
-                    "d1".into(),
-                    2,
-                    ReplayWindow {
-                        boot: 3,
-                        max_seq: 9,
-                        bitmap: u64::MAX,
-                    },
-                )],
-                states: vec![DeviceState {
-                    id: "d1".into(),
-                    presence: Presence {
-                        online: true,
-                        ..Presence::default()
-                    },
-                    model_id: Some("kws".into()),
-                    model_version: Some("1".into()),
-                    hw: Some("nrf".into()),
-                    health: Some(serde_json::json!({"battery_mv": 3300})),
-                    summaries: 4,
-                    last_seen_ms: Some(10),
-                    ..DeviceState::default()
-                }],
-                device_windows: vec![WindowWrite {
-                    key: "d1".into(),
-                    start_ms: 0,
-                    cohort: Some("kws@1/nrf".into()),
-                    json: r#"{"inferences": 5}"#.into(),
-                }],
-                cohort_windows: vec![WindowWrite {
-                    key: "kws@1/nrf".into(),
-                    start_ms: 0,
-                    cohort: None,
-                    json: r#"{"inferences": 5}"#.into(),
-                }],
-                counters: vec![("accepted".into(), 4)],
-                ota: vec![],
-            };
-            store.commit(&batch).unwrap();
-        }
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(
-            store.replay_window("d1", 2).unwrap(),
-            Some(ReplayWindow {
-                boot: 3,
-                max_seq: 9,
-                bitmap: u64::MAX
-            })
-        );
-        let s = store.device_state("d1").unwrap().unwrap();
-        assert_eq!(s.summaries, 4);
-        assert_eq!(s.health.unwrap()["battery_mv"], 3300);
-        assert_eq!(store.counters().unwrap()["accepted"], 4);
-        assert_eq!(store.cohort_window_devices("kws@1/nrf", 0).unwrap(), 1);
-        assert_eq!(store.cohorts().unwrap(), vec![("kws@1/nrf".into(), 1, 0)]);
-        let all = store
-            .list_devices(&DeviceQuery {
-                limit: 1,
-                ..DeviceQuery::default()
-            })
-            .unwrap();
-        assert_eq!(all.devices.len(), 1);
-        assert_eq!(all.next.as_deref(), Some("d1"));
-        let page2 = store
-            .list_devices(&DeviceQuery {
-                limit: 1,
-                after: all.next.clone(),
-                ..DeviceQuery::default()
-            })
-            .unwrap();
-        assert_eq!(page2.devices[0].id, "d2");
-        assert!(page2.next.is_none());
-        let online = |state: &str| {
-            store
+        for t in crate::testing::TestDb::all() {
+            {
+                let store = t.open();
+                store
+                    .registry()
+                    .provision("d1", BTreeMap::from([("site".into(), "north".into())]))
+                    .unwrap();
+                store.registry().provision("d2", BTreeMap::new()).unwrap();
+                let batch = Batch {
+                    replay: vec![(
+                        "d1".into(),
+                        2,
+                        ReplayWindow {
+                            boot: 3,
+                            max_seq: 9,
+                            bitmap: u64::MAX,
+                        },
+                    )],
+                    states: vec![DeviceState {
+                        id: "d1".into(),
+                        presence: Presence {
+                            online: true,
+                            ..Presence::default()
+                        },
+                        model_id: Some("kws".into()),
+                        model_version: Some("1".into()),
+                        hw: Some("nrf".into()),
+                        health: Some(serde_json::json!({"battery_mv": 3300})),
+                        summaries: 4,
+                        last_seen_ms: Some(10),
+                        ..DeviceState::default()
+                    }],
+                    device_windows: vec![WindowWrite {
+                        key: "d1".into(),
+                        start_ms: 0,
+                        cohort: Some("kws@1/nrf".into()),
+                        json: r#"{"inferences": 5}"#.into(),
+                    }],
+                    cohort_windows: vec![WindowWrite {
+                        key: "kws@1/nrf".into(),
+                        start_ms: 0,
+                        cohort: None,
+                        json: r#"{"inferences": 5}"#.into(),
+                    }],
+                    counters: vec![("accepted".into(), 4)],
+                    ota: vec![],
+                };
+                store.commit(&batch).unwrap();
+            }
+            let store = t.open();
+            assert_eq!(
+                store.replay_window("d1", 2).unwrap(),
+                Some(ReplayWindow {
+                    boot: 3,
+                    max_seq: 9,
+                    bitmap: u64::MAX
+                })
+            );
+            let s = store.device_state("d1").unwrap().unwrap();
+            assert_eq!(s.summaries, 4);
+            assert_eq!(s.health.unwrap()["battery_mv"], 3300);
+            assert_eq!(store.counters().unwrap()["accepted"], 4);
+            assert_eq!(store.cohort_window_devices("kws@1/nrf", 0).unwrap(), 1);
+            assert_eq!(store.cohorts().unwrap(), vec![("kws@1/nrf".into(), 1, 0)]);
+            let all = store
                 .list_devices(&DeviceQuery {
-                    state: Some(state.into()),
+                    limit: 1,
+                    ..DeviceQuery::default()
+                })
+                .unwrap();
+            assert_eq!(all.devices.len(), 1);
+            assert_eq!(all.next.as_deref(), Some("d1"));
+            let page2 = store
+                .list_devices(&DeviceQuery {
+                    limit: 1,
+                    after: all.next.clone(),
+                    ..DeviceQuery::default()
+                })
+                .unwrap();
+            assert_eq!(page2.devices[0].id, "d2");
+            assert!(page2.next.is_none());
+            let online = |state: &str| {
+                store
+                    .list_devices(&DeviceQuery {
+                        state: Some(state.into()),
+                        limit: 10,
+                        ..DeviceQuery::default()
+                    })
+                    .unwrap()
+                    .devices
+                    .into_iter()
+                    .map(|d| d.id)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(online("online"), ["d1"]);
+            assert_eq!(online("unseen"), ["d2"]);
+            let tagged = store
+                .list_devices(&DeviceQuery {
+                    tag: Some(("site".into(), "north".into())),
                     limit: 10,
                     ..DeviceQuery::default()
                 })
+                .unwrap();
+            assert_eq!(tagged.devices.len(), 1);
+            let cohort = store
+                .list_devices(&DeviceQuery {
+                    cohort: Some("kws@1/nrf".into()),
+                    limit: 10,
+                    ..DeviceQuery::default()
+                })
+                .unwrap();
+            assert_eq!(cohort.devices[0].cohort.as_deref(), Some("kws@1/nrf"));
+            assert_eq!(store.prune_windows(1).unwrap(), 2);
+            assert_eq!(store.silent_online_devices(11).unwrap(), ["d1"]);
+        }
+    }
+
+    #[test]
+    fn many_devices_are_read_in_one_go() {
+        for t in crate::testing::TestDb::all() {
+            let store = t.open();
+            for id in ["d1", "d2", "d3"] {
+                store.registry().provision(id, BTreeMap::new()).unwrap();
+            }
+            let w = |id: &str, kind| {
+                (
+                    id.to_owned(),
+                    kind,
+                    ReplayWindow {
+                        boot: 1,
+                        max_seq: u32::from(kind),
+                        bitmap: u64::MAX,
+                    },
+                )
+            };
+            let state = |id: &str| DeviceState {
+                id: id.into(),
+                summaries: 3,
+                health: Some(serde_json::json!({"battery_mv": 3000})),
+                ..DeviceState::default()
+            };
+            let window = |id: &str, start_ms| WindowWrite {
+                key: id.into(),
+                start_ms,
+                cohort: Some("c".into()),
+                json: format!(r#"{{"id":"{id}"}}"#),
+            };
+            store
+                .commit(&Batch {
+                    replay: vec![w("d1", 1), w("d1", 2), w("d2", 2)],
+                    states: vec![state("d1"), state("d2")],
+                    device_windows: vec![window("d1", 0), window("d2", 0), window("d2", 60)],
+                    ..Batch::default()
+                })
+                .unwrap();
+            let ids = ["d1", "d2", "d3", "nope"];
+            let mut states: Vec<String> = store
+                .device_states(&ids)
                 .unwrap()
-                .devices
                 .into_iter()
-                .map(|d| d.id)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(online("online"), ["d1"]);
-        assert_eq!(online("unseen"), ["d2"]);
-        let tagged = store
-            .list_devices(&DeviceQuery {
-                tag: Some(("site".into(), "north".into())),
-                limit: 10,
-                ..DeviceQuery::default()
-            })
-            .unwrap();
-        assert_eq!(tagged.devices.len(), 1);
-        let cohort = store
-            .list_devices(&DeviceQuery {
-                cohort: Some("kws@1/nrf".into()),
-                limit: 10,
-                ..DeviceQuery::default()
-            })
-            .unwrap();
-        assert_eq!(cohort.devices[0].cohort.as_deref(), Some("kws@1/nrf"));
-        assert_eq!(store.prune_windows(1).unwrap(), 2);
-        assert_eq!(store.silent_online_devices(11).unwrap(), ["d1"]);
+                .map(|s| {
+                    assert_eq!(s, store.device_state(&s.id).unwrap().unwrap());
+                    s.id
+                })
+                .collect();
+            states.sort();
+            assert_eq!(states, ["d1", "d2"], "{}", t.name());
+            let mut replay = store.replay_windows(&ids).unwrap();
+            replay.sort_by_key(|r| (r.0.clone(), r.1));
+            assert_eq!(replay, vec![w("d1", 1), w("d1", 2), w("d2", 2)]);
+            let mut windows = store.device_windows_at(&ids, 0).unwrap();
+            windows.sort_by_key(|w| w.id.clone());
+            assert_eq!(windows.len(), 2);
+            assert_eq!(windows[1], store.device_window("d2", 0).unwrap().unwrap());
+            assert!(store.device_states(&[]).unwrap().is_empty());
+        }
     }
 }

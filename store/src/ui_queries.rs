@@ -10,26 +10,28 @@ impl Store {
     /// device listing's `state` filter defines them) and current cohort
     /// (`model_id@model_version/hw`, `None` while the device has not said what it runs).
     pub fn fleet_counts(&self) -> Result<Vec<(String, Option<String>, u64)>> {
-        let conn = lock(self.conn());
-        let mut st = conn.prepare_cached(
-            "SELECT CASE WHEN d.revoked_ms IS NOT NULL THEN 'revoked' \
-                         WHEN s.id IS NULL THEN 'unseen' \
-                         WHEN s.online = 1 THEN 'online' ELSE 'offline' END AS st, \
-                    s.model_id, s.model_version, s.hw, COUNT(*) \
-             FROM devices d LEFT JOIN device_state s ON s.id = d.id \
-             GROUP BY st, s.model_id, s.model_version, s.hw",
-        )?;
-        let rows = st.query_map([], |r| {
-            let state: String = r.get(0)?;
-            let model_id: Option<String> = r.get(1)?;
-            let model_version: Option<String> = r.get(2)?;
-            let hw: Option<String> = r.get(3)?;
-            let cohort = match (&model_id, &model_version, &hw) {
-                (Some(m), Some(v), Some(h)) => Some(cohort_key(m, v, h)),
-                _ => None,
-            };
-            Ok((state, cohort, r.get::<_, i64>(4)?.max(0) as u64))
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        lock(self.conn())
+            .query(
+                "SELECT CASE WHEN d.revoked_ms IS NOT NULL THEN 'revoked' \
+                             WHEN s.id IS NULL THEN 'unseen' \
+                             WHEN s.online = 1 THEN 'online' ELSE 'offline' END AS st, \
+                        s.model_id, s.model_version, s.hw, COUNT(*) \
+                 FROM devices d LEFT JOIN device_state s ON s.id = d.id \
+                 GROUP BY st, s.model_id, s.model_version, s.hw",
+                &[],
+            )?
+            .into_iter()
+            .map(|mut r| {
+                let state = r.text(0)?;
+                let model_id = r.opt_text(1)?;
+                let model_version = r.opt_text(2)?;
+                let hw = r.opt_text(3)?;
+                let cohort = match (&model_id, &model_version, &hw) {
+                    (Some(m), Some(v), Some(h)) => Some(cohort_key(m, v, h)),
+                    _ => None,
+                };
+                Ok((state, cohort, r.i64(4)?.max(0) as u64))
+            })
+            .collect()
     }
 }
