@@ -240,9 +240,11 @@ impl Cohorts {
 
     /// Adds a summary into the window of cohort `id` starting at `start` (read from the store
     /// on a cache miss).
+    #[allow(clippy::too_many_arguments)]
     fn merge(
         &mut self,
         store: &Store,
+        read_failed: &mut bool,
         id: u32,
         start: i64,
         s: &DecodedSummary,
@@ -253,8 +255,11 @@ impl Cohorts {
         let w = self.windows.entry((id, start)).or_insert_with(|| {
             let agg = store
                 .cohort_window(name, start)
-                .ok()
-                .flatten()
+                .unwrap_or_else(|e| {
+                    *read_failed = true;
+                    tracing::error!(error = %e, cohort = name, "cohort window not read");
+                    None
+                })
                 .and_then(|w| serde_json::from_value(w.agg).ok())
                 .unwrap_or_default();
             CohortWindowAgg { agg, dirty: false }
@@ -285,6 +290,9 @@ pub struct Pipeline {
     /// Newest progress report per device since the last batch.
     ota: HashMap<String, DeviceOta>,
     block_requests: Option<Hook>,
+    /// A store read failed since the last [`Pipeline::take_read_failed`]: some state was
+    /// taken as absent that may exist, so the changes must not be committed.
+    read_failed: bool,
 }
 
 /// The block-request hook, opaque to `Debug`.
@@ -325,6 +333,7 @@ impl Pipeline {
             events: Events::default(),
             ota: HashMap::new(),
             block_requests: None,
+            read_failed: false,
         }
     }
 
@@ -381,6 +390,7 @@ impl Pipeline {
             events,
             ota,
             block_requests,
+            read_failed,
             ..
         } = self;
         // Slots index `devices`, which only grows.
@@ -388,7 +398,9 @@ impl Pipeline {
         let window = match entry.replay[k] {
             Some(w) => Some(w),
             None if entry.replay_read & (1 << k) != 0 => None,
-            None => store.replay_window(&entry.id, k as u8).ok().flatten(),
+            None => store
+                .replay_window(&entry.id, k as u8)
+                .unwrap_or_else(|e| read_error(read_failed, &entry.id, &e)),
         };
         let (new_window, lost, filled) = match dedup::check(window, boot, seq) {
             Verdict::Accept {
@@ -411,7 +423,7 @@ impl Pipeline {
         let collect = config.collect_events;
         let state = entry
             .state
-            .get_or_insert_with(|| load_state(store, &entry.id));
+            .get_or_insert_with(|| load_state(store, &entry.id, read_failed));
         state.last_seen_ms = Some(
             state
                 .last_seen_ms
@@ -512,7 +524,11 @@ impl Pipeline {
                     Some(i) => &mut entry.windows[i],
                     None => {
                         let stored = (entry.window_absent != Some(start))
-                            .then(|| store.device_window(&entry.id, start).ok().flatten())
+                            .then(|| {
+                                store
+                                    .device_window(&entry.id, start)
+                                    .unwrap_or_else(|e| read_error(read_failed, &entry.id, &e))
+                            })
                             .flatten()
                             .and_then(|w| Some((w.cohort, serde_json::from_value(w.agg).ok()?)));
                         let (cohort, agg) = match stored {
@@ -532,10 +548,10 @@ impl Pipeline {
                 w.agg.merge_summary(&s, new_boot, lost_net);
                 w.dirty = true;
                 // The model cohort's window and each tag cohort's.
-                cohorts.merge(store, cohort, start, &s, new_boot, lost_net);
+                cohorts.merge(store, read_failed, cohort, start, &s, new_boot, lost_net);
                 if let Some((_, tags)) = &entry.tag_cohorts {
                     for &t in tags {
-                        cohorts.merge(store, t, start, &s, new_boot, lost_net);
+                        cohorts.merge(store, read_failed, t, start, &s, new_boot, lost_net);
                     }
                 }
                 if collect {
@@ -650,7 +666,7 @@ impl Pipeline {
             };
             let state = entry
                 .state
-                .get_or_insert_with(|| load_state(&self.store, &entry.id));
+                .get_or_insert_with(|| load_state(&self.store, &entry.id, &mut self.read_failed));
             if state.presence.online {
                 set_online(&mut self.events, state, false, "timeout", now_ms);
                 state.updated_ms = now_ms;
@@ -663,6 +679,11 @@ impl Pipeline {
             }
         }
         changed
+    }
+
+    /// Whether a store read failed since the last call (see [`Pipeline::forget_cached`]).
+    pub fn take_read_failed(&mut self) -> bool {
+        std::mem::take(&mut self.read_failed)
     }
 
     /// Whether anything awaits a commit.
@@ -833,16 +854,27 @@ fn dropped(metrics: &Metrics, d: Drop) -> Outcome {
     Outcome::Dropped(d)
 }
 
-/// A device's stored state, or a fresh one.
-fn load_state(store: &Store, device: &str) -> DeviceState {
+/// A device's stored state, or a fresh one (also when the read failed: `read_failed` is set,
+/// and the batch must not be committed).
+fn load_state(store: &Store, device: &str, read_failed: &mut bool) -> DeviceState {
     store
         .device_state(device)
-        .ok()
-        .flatten()
+        .unwrap_or_else(|e| read_error(read_failed, device, &e))
         .unwrap_or_else(|| DeviceState {
             id: device.to_owned(),
             ..DeviceState::default()
         })
+}
+
+/// Notes a failed store read: what was read is unknown, not absent.
+fn read_error<T>(
+    read_failed: &mut bool,
+    device: &str,
+    e: &tinyfleet_store::StoreError,
+) -> Option<T> {
+    *read_failed = true;
+    tracing::error!(device, error = %e, "device data not read from the store");
+    None
 }
 
 fn set_online(

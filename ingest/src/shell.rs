@@ -290,21 +290,41 @@ fn locked_step(pipeline: &mut Pipeline, batch: Vec<(Verified, i64)>, sweep: bool
             }
         }
     };
-    pipeline.forget_cached();
-    let mut ids: Vec<&str> = batch
-        .iter()
-        .filter_map(|(v, _)| v.as_ref().ok().map(|(id, _)| id.as_str()))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    pipeline.prefetch(&ids, tinyfleet_store::now_ms());
+    // A failed read means some state was taken as absent: applying on it would overwrite
+    // what the store holds. Then the batch is undone (changes and counters) and applied again
+    // from fresh reads, still inside the section, after a backoff.
+    let counters: std::collections::BTreeMap<String, i64> =
+        metrics.snapshot().into_iter().collect();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        pipeline.forget_cached();
+        let mut ids: Vec<&str> = batch
+            .iter()
+            .filter_map(|(v, _)| v.as_ref().ok().map(|(id, _)| id.as_str()))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        pipeline.prefetch(&ids, tinyfleet_store::now_ms());
+        for (verified, received_ms) in &batch {
+            pipeline.apply(verified.clone(), *received_ms);
+        }
+        if sweep {
+            pipeline.sweep_inactive(tinyfleet_store::now_ms());
+        }
+        if !pipeline.take_read_failed() {
+            break;
+        }
+        let _ = pipeline.take_batch();
+        metrics.restore(&counters);
+        metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            retry_in_ms = delay.as_millis() as u64,
+            "a store read failed; batch undone, nothing acknowledged, retrying"
+        );
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
     let any = !batch.is_empty();
-    for (verified, received_ms) in batch {
-        pipeline.apply(verified, received_ms);
-    }
-    if sweep {
-        pipeline.sweep_inactive(tinyfleet_store::now_ms());
-    }
     if !any && !pipeline.has_changes() {
         return Events::default();
     }
@@ -469,6 +489,14 @@ async fn commit(
         return;
     }
     let metrics = pipeline.metrics().clone();
+    if pipeline.take_read_failed() {
+        // One ingest per store: its cache is the truth and reads happen only on a device's
+        // first message or after eviction. Say so loudly; the shared-store path retries.
+        tracing::error!(
+            "a store read failed in this batch: devices read then may have started from \
+             empty state"
+        );
+    }
     let (batch, events) = pipeline.take_batch();
     let batch = Arc::new(batch);
     let mut delay = Duration::from_millis(50);
