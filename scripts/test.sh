@@ -73,6 +73,11 @@ else
   cargo test --workspace --locked --no-fail-fast
 fi
 
+step "fuzz (fixed budget)"
+# Every decoder of untrusted bytes (fuzz/, docs/security.md): each target for a few seconds from
+# its seeds; a crash fails the step and names the input. The corpora grow in target/fuzz/.
+scripts/fuzz.sh 6
+
 step "benchmarks compile"
 cargo bench --workspace --locked --no-run
 

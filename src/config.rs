@@ -470,8 +470,10 @@ impl Config {
         if i.window_secs == 0 || i.window_secs > 86_400 {
             return Err("config [ingest]: window_secs must be 1..=86400".into());
         }
-        if i.offline_after_secs == 0 {
-            return Err("config [ingest]: offline_after_secs must be at least 1".into());
+        // Upper bounds keep the millisecond and second arithmetic on these (`serve`, the
+        // monitor's grace) from overflowing: a wrapped retention would delete every window.
+        if i.offline_after_secs == 0 || i.offline_after_secs > 31_536_000 {
+            return Err("config [ingest]: offline_after_secs must be 1..=31536000 (a year)".into());
         }
         if i.connections == 0 || i.connections > 64 {
             return Err("config [ingest]: connections must be 1..=64".into());
@@ -488,14 +490,14 @@ impl Config {
         if i.max_batch == 0 || i.max_batch > 100_000 {
             return Err("config [ingest]: max_batch must be 1..=100000".into());
         }
-        if i.flush_ms == 0 {
-            return Err("config [ingest]: flush_ms must be at least 1".into());
+        if i.flush_ms == 0 || i.flush_ms > 3_600_000 {
+            return Err("config [ingest]: flush_ms must be 1..=3600000".into());
         }
-        if i.checkpoint_ms == 0 {
-            return Err("config [ingest]: checkpoint_ms must be at least 1".into());
+        if i.checkpoint_ms == 0 || i.checkpoint_ms > 3_600_000 {
+            return Err("config [ingest]: checkpoint_ms must be 1..=3600000".into());
         }
-        if i.retention_days == 0 {
-            return Err("config [ingest]: retention_days must be at least 1".into());
+        if i.retention_days == 0 || i.retention_days > 36_500 {
+            return Err("config [ingest]: retention_days must be 1..=36500".into());
         }
         if i.shared_store {
             if i.journal {
@@ -788,6 +790,29 @@ mod tests {
     fn empty_config_runs_embedded() {
         let c = parse("").unwrap();
         assert!(c.broker.is_some() && c.mqtt.is_none());
+    }
+
+    /// Found by review while fuzzing the configuration (`fuzz/fuzz_targets/config_toml.rs`,
+    /// seeds `fuzz/seeds/config_toml/huge-*`): unbounded durations overflowed when turned into
+    /// milliseconds (`tinyfleet config check` panicked on `checkpoint_ms = 9223372036854775807`
+    /// in a debug build; a release build wrapped, and a wrapped retention deletes every window).
+    #[test]
+    fn huge_durations_are_refused() {
+        for (field, value) in [
+            ("checkpoint_ms", "9223372036854775807"),
+            ("flush_ms", "9223372036854775807"),
+            ("retention_days", "213503982334602"),
+            ("offline_after_secs", "18446744073709551"),
+        ] {
+            let err = parse(&format!("[ingest]\n{field} = {value}")).unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        let c = parse(
+            "[ingest]\ncheckpoint_ms = 3600000\nflush_ms = 3600000\nretention_days = 36500\n\
+             offline_after_secs = 31536000",
+        )
+        .unwrap();
+        assert_eq!(c.monitor_config().min_grace_ms, 7_200_000);
     }
 
     #[test]

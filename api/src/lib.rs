@@ -271,7 +271,40 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/rollouts/{id}/advance", post(rollouts::advance))
         .route("/api/v1/rollouts/{id}/abort", post(rollouts::abort))
         .route("/ota/v1/objects/{sha}", get(ota::object))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Error answers that do not come from [`ApiError`] get its JSON form too, `{"error": "..."}`,
+/// with their status kept: axum's own rejections (a body over its limit, a path or query
+/// parameter that does not parse, invalid UTF-8 in a path) and unknown methods. Without this
+/// they are plain text, or empty, and clients that expect JSON errors stumble on bad input.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // Rejection texts are short; anything else is replaced by the status's reason.
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::json!({ "error": text }).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn metrics(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {

@@ -361,7 +361,10 @@ impl HistProfile {
                 self.upper.len()
             ));
         }
-        if self.total() != total {
+        // A checked sum: `total()` saturates, and counts that overflow u64 but saturate to `n`
+        // would pass, then overflow in the drift engine's own sums.
+        let cells = [self.underflow, self.overflow, self.nan];
+        if sum(&self.counts).and_then(|c| sum(&[c, sum(&cells)?])) != Some(total) {
             return Err(format!(
                 "counts sum to {}, but the reference has {total} rows",
                 self.total()
@@ -984,6 +987,47 @@ pub(crate) fn isotonic_calibration(correct: &[u64], support: &[u64]) -> Vec<f64>
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Found by the `profile_upload` fuzz target (fuzz/seeds/profile_upload/saturating-counts):
+    /// counts whose sum overflows u64 saturated to `n` and passed, then the drift engine's sums
+    /// overflowed (a panic in debug builds, wrapped reference proportions in release builds).
+    #[test]
+    fn counts_that_overflow_are_refused() {
+        let m = u64::MAX;
+        let hist = |counts: Vec<u64>, underflow: u64| HistProfile {
+            lo: 0.0,
+            upper: (1..=counts.len()).map(|i| i as f32).collect(),
+            counts,
+            underflow,
+            overflow: 0,
+            nan: 0,
+        };
+        let mut p = MonitoringProfile {
+            model_id: "kws".into(),
+            model_version: "3".into(),
+            n: m,
+            features: vec![FeatureProfile {
+                name: "f0".into(),
+                hist: hist(vec![m, 5], 0),
+            }],
+            classes: vec![m],
+            confidence: vec![vec![m]],
+            conf_bins: 1,
+            calibration: vec![0.5],
+            calibration_n: vec![0],
+            accuracy: None,
+            labelled: 0,
+            latency: None,
+        };
+        let err = p.validate().unwrap_err().to_string();
+        assert!(err.contains("feature `f0`: counts sum to"), "{err}");
+        p.features[0].hist = hist(vec![m - 5, 5], 0);
+        p.latency = Some(hist(vec![m], 3));
+        let err = p.validate().unwrap_err().to_string();
+        assert!(err.contains("latency: counts sum to"), "{err}");
+        p.latency = Some(hist(vec![m - 3], 3));
+        p.validate().unwrap();
+    }
 
     #[test]
     fn pav_pools_violators() {
