@@ -21,13 +21,15 @@ const SYNC_INTERVAL: Duration = Duration::from_secs(2);
 pub enum BrokerCommand {
     /// Print Mosquitto's ACL file: each device (username = device id) confined to its own
     /// topics, the service users with the whole `tf/` tree.
-    MosquittoAcl {
+    #[command(name = "mosquitto-acl")]
+    Acl {
         /// The MQTT username of tinyfleet's services (`[mqtt] username`); repeatable.
         #[arg(long = "service-user", default_value = "tinyfleet-ingest")]
         service_users: Vec<String>,
     },
     /// Print a `mosquitto.conf` for tinyfleet: a device listener and a service listener.
-    MosquittoConf {
+    #[command(name = "mosquitto-conf")]
+    Conf {
         /// Where `serve` writes the password file (`[mqtt] password_file`).
         #[arg(long)]
         password_file: PathBuf,
@@ -41,15 +43,32 @@ pub enum BrokerCommand {
         #[arg(long, default_value = "127.0.0.1:1884")]
         service_listener: String,
     },
+    /// Print the bridge section of an edge Mosquitto: devices connect to edges, tinyfleet to
+    /// the core; device messages go up, offers and blocks come down (see docs/scaling.md).
+    #[command(name = "mosquitto-bridge")]
+    Bridge {
+        /// The bridge's name, also its client id on the core; unique per edge.
+        #[arg(long)]
+        name: String,
+        /// The core broker's service listener, `host:port`.
+        #[arg(long)]
+        core: String,
+        /// The core's service user the bridge logs in as (list it in the core's ACL).
+        #[arg(long, default_value = "tinyfleet-bridge")]
+        username: String,
+        /// A file holding that user's password (it is copied into the printed section).
+        #[arg(long)]
+        password_file: PathBuf,
+    },
 }
 
 pub fn run_command(command: BrokerCommand) -> Result<(), String> {
     let text = match command {
-        BrokerCommand::MosquittoAcl { service_users } => {
+        BrokerCommand::Acl { service_users } => {
             let users: Vec<&str> = service_users.iter().map(String::as_str).collect();
             mosquitto::acl_file(&users)
         }
-        BrokerCommand::MosquittoConf {
+        BrokerCommand::Conf {
             password_file,
             acl_file,
             device_listener,
@@ -60,6 +79,26 @@ pub fn run_command(command: BrokerCommand) -> Result<(), String> {
             &device_listener,
             &service_listener,
         ),
+        BrokerCommand::Bridge {
+            name,
+            core,
+            username,
+            password_file,
+        } => {
+            let password = std::fs::read_to_string(&password_file)
+                .map_err(|e| format!("cannot read {}: {e}", password_file.display()))?;
+            let password = password.trim();
+            if password.is_empty() || password.contains(char::is_whitespace) {
+                return Err(format!(
+                    "{}: the password must be one non-empty word",
+                    password_file.display()
+                ));
+            }
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err("--name must be one non-empty word".into());
+            }
+            mosquitto::bridge_snippet(&name, &core, &username, password)
+        }
     };
     print!("{text}");
     Ok(())

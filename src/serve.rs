@@ -75,6 +75,11 @@ pub struct Ready {
     pub api: SocketAddr,
 }
 
+/// The largest fleet the embedded broker is recommended for (`docs/benchmarks.md`, "Load": at
+/// 5,000 devices it connects all in under a minute; at 10,000 it needs 5 minutes and drops
+/// summaries while connecting).
+const EMBEDDED_BROKER_FLEET: usize = 5_000;
+
 /// Runs until SIGINT/SIGTERM or until `stop` resolves.
 pub async fn serve(
     config: Config,
@@ -123,6 +128,15 @@ pub async fn serve_with(
             // The broker has no shutdown: it lives as long as the process, even when this
             // handle is dropped.
             let addr = broker.local_addr();
+            let fleet = store.registry().active_count();
+            if fleet > EMBEDDED_BROKER_FLEET {
+                tracing::warn!(
+                    devices = fleet,
+                    "the embedded broker (rumqttd) connects devices ever more slowly as the \
+                     fleet grows (15 per second at 10,000 connected, docs/benchmarks.md); above \
+                     {EMBEDDED_BROKER_FLEET} devices use Mosquitto ([mqtt], docs/scaling.md)"
+                );
+            }
             let client = ClientConfig {
                 url_host: addr.ip().to_string(),
                 port: addr.port(),

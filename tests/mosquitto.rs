@@ -191,6 +191,63 @@ fn subscriber(
     (client, rx)
 }
 
+/// Device `d`, connected to `device_listener`, subscribes to its own offer topic and to
+/// `other`'s; the service publishes both offers (retained, like real ones) on `broker`'s
+/// service listener, `other`'s first: only `d`'s may arrive (the ACL).
+fn offers_reach_only_their_device(
+    broker: &Mosquitto,
+    device_listener: SocketAddr,
+    d: &SimDevice,
+    other: &str,
+) {
+    let mine = format!("tf/v1/{}/ota/offer", d.id);
+    let theirs = format!("tf/v1/{other}/ota/offer");
+    let (_sub, events) = subscriber(
+        device_listener,
+        &d.id,
+        &d.id,
+        &d.password,
+        &[theirs.clone(), mine.clone()],
+    );
+    wait_for(
+        "both subscriptions acknowledged",
+        Duration::from_secs(10),
+        || {
+            let mut acks = 0;
+            while let Ok(e) = events.recv_timeout(Duration::from_millis(100)) {
+                if matches!(e, Event::Incoming(Packet::SubAck(_))) {
+                    acks += 1;
+                }
+                if acks == 2 {
+                    return Some(());
+                }
+            }
+            None
+        },
+    );
+    let (publisher, _pub_events) = subscriber(
+        broker.services,
+        "acl-publisher",
+        SERVICE_USER,
+        SERVICE_PASSWORD,
+        &[],
+    );
+    for (topic, body) in [(&theirs, b"theirs".to_vec()), (&mine, b"mine".to_vec())] {
+        publisher
+            .publish(topic.as_str(), QoS::AtLeastOnce, true, body)
+            .expect("publish");
+    }
+    let got = wait_for(
+        "an offer delivered",
+        Duration::from_secs(20),
+        || match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Incoming(Packet::Publish(p))) => Some((p.topic, p.payload.to_vec())),
+            _ => None,
+        },
+    );
+    assert_eq!(got, (mine, b"mine".to_vec()));
+}
+
 /// A fresh database on the PostgreSQL server of `TF_POSTGRES_URL` (`scripts/ensure-postgres.sh`),
 /// or `None` (skipped) without one, unless `TF_REQUIRE_POSTGRES` is set.
 fn postgres_database() -> Option<String> {
@@ -370,73 +427,7 @@ fn replicas_share_one_store(postgres: Option<String>) {
     assert_eq!(cohort_summaries, 70, "cohort windows: {windows}");
 
     // ACLs: a device reads its own offers only.
-    let (_service, _) = subscriber(
-        mosquitto.services,
-        "acl-publisher",
-        SERVICE_USER,
-        SERVICE_PASSWORD,
-        &[],
-    );
-    let d0 = &devices[0];
-    let (_sub, events) = subscriber(
-        mosquitto.devices,
-        &d0.id,
-        &d0.id,
-        &d0.password,
-        &[
-            "tf/v1/mq-1/ota/offer".to_owned(),
-            "tf/v1/mq-0/ota/offer".to_owned(),
-        ],
-    );
-    wait_for(
-        "both subscriptions acknowledged",
-        Duration::from_secs(10),
-        || {
-            let mut acks = 0;
-            while let Ok(e) = events.recv_timeout(Duration::from_millis(100)) {
-                if matches!(e, Event::Incoming(Packet::SubAck(_))) {
-                    acks += 1;
-                }
-                if acks == 2 {
-                    return Some(());
-                }
-            }
-            None
-        },
-    );
-    let (publisher, _pub_events) = subscriber(
-        mosquitto.services,
-        "acl-publisher-2",
-        SERVICE_USER,
-        SERVICE_PASSWORD,
-        &[],
-    );
-    // The other device's offer first: if the ACL let it through it would arrive first.
-    publisher
-        .publish(
-            "tf/v1/mq-1/ota/offer",
-            QoS::AtLeastOnce,
-            false,
-            b"theirs".to_vec(),
-        )
-        .expect("publish");
-    publisher
-        .publish(
-            "tf/v1/mq-0/ota/offer",
-            QoS::AtLeastOnce,
-            false,
-            b"mine".to_vec(),
-        )
-        .expect("publish");
-    let got = wait_for(
-        "an offer delivered",
-        Duration::from_secs(10),
-        || match events.recv_timeout(Duration::from_millis(100)) {
-            Ok(Event::Incoming(Packet::Publish(p))) => Some((p.topic, p.payload.to_vec())),
-            _ => None,
-        },
-    );
-    assert_eq!(got, ("tf/v1/mq-0/ota/offer".to_owned(), b"mine".to_vec()));
+    offers_reach_only_their_device(&mosquitto, mosquitto.devices, &devices[0], "mq-1");
 
     // A revoked device is gone from the password file: Mosquitto refuses it.
     let (status, body) = a.post("/api/v1/devices/mq-5/revoke", TOKEN, serde_json::json!({}));
@@ -544,5 +535,108 @@ fn kill_9_of_the_server_and_a_broker_restart_lose_no_acknowledged_summary() {
         );
     }
     eprintln!("{} summaries acknowledged, all counted once", total());
+    server.stop();
+}
+
+/// Edge brokers: a fleet larger than one broker process can hold (its open-file limit) is
+/// spread over edge Mosquittos, each bridged to the core with the section
+/// `tinyfleet broker mosquitto-bridge` prints; tinyfleet connects to the core only. Devices on
+/// the edge authenticate from the password file `serve` keeps (one reload command for every
+/// broker), their summaries reach ingest through the core, and an offer published on the core
+/// comes down to the device, while the edge's ACL still confines each device.
+#[test]
+fn devices_on_a_bridged_edge_broker_reach_ingest_through_the_core() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(core) = Mosquitto::start(dir.path()) else {
+        return;
+    };
+    // The edge: a device listener like the core's, the same password and ACL files, and the
+    // bridge (logging in to the core's service listener as a service user).
+    let edge_dir = dir.path().join("edge");
+    std::fs::create_dir(&edge_dir).expect("edge dir");
+    std::fs::write(edge_dir.join("bridge.password"), SERVICE_PASSWORD).expect("password");
+    let bridge = tinyfleet(&[
+        "broker",
+        "mosquitto-bridge",
+        "--name",
+        "edge-0",
+        "--core",
+        &core.services.to_string(),
+        "--username",
+        SERVICE_USER,
+        "--password-file",
+        &edge_dir.join("bridge.password").display().to_string(),
+    ]);
+    let edge_addr = free_port();
+    std::fs::write(
+        edge_dir.join("mosquitto.conf"),
+        format!(
+            "user root\nper_listener_settings true\npersistence false\n\
+             listener {} {}\nuse_username_as_clientid true\nallow_anonymous false\n\
+             password_file {}\nacl_file {}\n{bridge}",
+            edge_addr.port(),
+            edge_addr.ip(),
+            dir.path().join("passwd").display(),
+            dir.path().join("acl").display(),
+        ),
+    )
+    .expect("edge conf");
+    let mut edge = Mosquitto {
+        child: Mosquitto::spawn(core.bin, &edge_dir),
+        bin: core.bin,
+        dir: edge_dir,
+        devices: edge_addr,
+        services: edge_addr,
+    };
+    edge.wait_listening();
+
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let reload = format!(
+        "password_file = {:?}\nreload_command = [\"kill\", \"-HUP\", \"{}\", \"{}\"]",
+        dir.path().join("passwd"),
+        core.child.id(),
+        edge.child.id()
+    );
+    let server = Server::start_config(
+        &data,
+        &dir.path().join("serve.toml"),
+        &replica_config(&data, &core, "all", "ingest-core", &reload, ""),
+    );
+    let mut devices: Vec<_> = (0..2)
+        .map(|i| server.provision(&format!("edge-dev-{i}")))
+        .collect();
+    for d in &devices {
+        wait_for(
+            &format!("{} accepted by the edge", d.id),
+            Duration::from_secs(20),
+            || d.connect_with(edge.devices, &d.password).ok(),
+        )
+        .disconnect();
+    }
+    assert!(
+        devices[0].connect_with(edge.devices, "wrong").is_err(),
+        "the edge refuses a wrong password"
+    );
+
+    // Up: a hello and 5 summaries per device, published on the edge, all counted by ingest.
+    let before = server.counter("accepted.summary");
+    for d in &mut devices {
+        let mut s = d.connect(edge.devices);
+        let mut messages = vec![d.hello(0)];
+        messages.extend((0..5).map(|_| d.next_summary()));
+        s.publish_acked(&messages, false);
+        s.disconnect();
+    }
+    wait_for(
+        "10 summaries through the bridge",
+        Duration::from_secs(30),
+        || (server.counter("accepted.summary") - before == 10).then_some(()),
+    );
+    assert_eq!(server.device_summaries("edge-dev-1"), 5);
+
+    // Down: an offer published on the core reaches its device on the edge, another device's
+    // does not (the edge's ACL).
+    offers_reach_only_their_device(&core, edge.devices, &devices[0], "edge-dev-1");
     server.stop();
 }

@@ -148,7 +148,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::DeviceExists(_) => ApiError::Conflict(e.to_string()),
             StoreError::NoDevice(_) => ApiError::NotFound(e.to_string()),
-            StoreError::BadDeviceId(_) => ApiError::BadRequest(e.to_string()),
+            StoreError::BadDeviceId(_) | StoreError::ReservedDeviceId(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
             e => ApiError::Internal(e.to_string()),
         }
     }

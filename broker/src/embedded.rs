@@ -43,6 +43,14 @@
 //! - **Duplicate client ids**: a CONNECT with the client id of a connected client disconnects the
 //!   older connection.
 //! - **Connection limit**: a CONNECT beyond `max_connections` is closed without CONNACK.
+//! - **Fleet size**: connecting costs the router work proportional to the fleet (one thread
+//!   compares each new subscription with every topic and retained message, and each new topic
+//!   with every filter), so a fleet's whole (re)connection costs O(n^2). Measured: 38
+//!   connections/s at 5,000 connected, 15/s at 10,000 (`docs/benchmarks.md`, "Load"). The
+//!   embedded broker suits fleets of a few thousand devices; beyond, use an external broker.
+//! - **Lost wake-up**: the router can fall asleep with work in its ready queue; with every
+//!   connection's task blocked behind it, the broker then stops for good (seen at ~10,450
+//!   devices). [`EmbeddedBroker::start`] wakes it every [`ROUTER_WAKE_INTERVAL`].
 //! - **Start-up probe**: readiness is checked by opening and closing TCP connections, which
 //!   rumqttd logs as an error ("Error while handling MQTT connect packet"); this is expected.
 //! - **Port 0**: rumqttd cannot report the port it bound, so a zero port is replaced by a free
@@ -109,6 +117,7 @@ impl EmbeddedBroker {
             .name("tinyfleet-broker".to_owned())
             .spawn(move || {
                 let mut broker = rumqttd::Broker::new(rumqttd_config);
+                keep_router_awake(&broker);
                 if let Err(e) = broker.start() {
                     tracing::error!(error = %e, "the MQTT broker stopped");
                 }
@@ -137,6 +146,58 @@ impl EmbeddedBroker {
     }
 }
 
+/// How often [`keep_router_awake`] wakes rumqttd's router.
+pub const ROUTER_WAKE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The client id of the in-process link that wakes the router (the `tinyfleet-` prefix is
+/// reserved for services: no device can take it over).
+const WAKE_CLIENT_ID: &str = "tinyfleet-router-wake";
+
+/// Works around a lost wake-up in rumqttd 0.20's router, which froze the embedded broker for
+/// good at ~10,450 connected devices in the load test (`docs/benchmarks.md`, "Load"): the
+/// router sleeps in `router_rx.recv()` whenever the head of its ready queue is a connection
+/// that is gone, even though connections behind it are ready (among them a new connection's
+/// CONNACK), while the listener thread, which runs every connection's task, blocks in
+/// `LinkBuilder::build` waiting for that CONNACK; nothing is left to send the router an event.
+/// An in-process link sends a PINGREQ every [`ROUTER_WAKE_INTERVAL`]: O(1) work for the router
+/// (it answers with a PINGRESP, which this thread reads and drops), after which it serves its
+/// ready queue. (rumqttd's own `LinkRx::ready` would be cheaper but trips a debug assertion of
+/// its scheduler.)
+fn keep_router_awake(broker: &rumqttd::Broker) {
+    let (mut tx, mut rx) = match broker.link(WAKE_CLIENT_ID) {
+        Ok(link) => link,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the broker's wake-up link; the router may stall under load");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("tinyfleet-broker-wake".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the broker's wake-up thread");
+                    return;
+                }
+            };
+            loop {
+                let ping = rumqttd::protocol::Packet::PingReq(rumqttd::protocol::PingReq);
+                if let Err(e) = runtime.block_on(tx.send(ping)) {
+                    tracing::error!(error = %e, "the broker's router is gone");
+                    return;
+                }
+                // Drop the answers (they would pile up in the link's buffer) until the next
+                // ping is due.
+                let deadline = Instant::now() + ROUTER_WAKE_INTERVAL;
+                while let Ok(Some(_)) = rx.recv_deadline(deadline) {}
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the broker's wake-up thread; the router may stall under load");
+    }
+}
+
 /// Checks that `addr` can be bound (so that a port already taken by another broker is reported
 /// instead of probed successfully), and replaces port 0 with a free port.
 fn resolve_listen(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
@@ -155,7 +216,8 @@ fn rumqttd_config(
     auth: Arc<dyn ConnectAuth>,
 ) -> Result<rumqttd::Config, BrokerError> {
     let router = rumqttd::RouterConfig {
-        max_connections: config.max_connections,
+        // One more for the link that keeps the router awake.
+        max_connections: config.max_connections.saturating_add(1),
         // QoS 0 messages read from a log per scheduling round; QoS 1 reads are bounded by the
         // in-flight window instead.
         max_outgoing_packet_count: 200,

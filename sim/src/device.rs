@@ -1,12 +1,12 @@
 //! One simulated device: monitor, MQTT session and OTA installer, across reboots.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use embedded_storage::nor_flash::{ErrorType, NorFlash, ReadNorFlash};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use sha2::{Digest as _, Sha256};
 use tinyfleet_device::ota::boot::{self, ImageInfo};
 use tinyfleet_device::ota::flash::FlashError;
@@ -20,6 +20,8 @@ use tinyfleet_device::wire::{self, DeviceId, Kind, Topic, ota_state};
 use tinyfleet_device::{DeviceKey, ReferenceMonitor};
 use tokio::sync::{mpsc, watch};
 
+use crate::load::{Held, Load, Published};
+
 /// Flash sector of the simulated part (nRF52-like: 4 KB sectors, 4-byte writes).
 const SECTOR: u32 = 4096;
 /// Largest patch block the simulated devices apply (the service's default block size).
@@ -28,11 +30,116 @@ const PATCH_BLOCK: usize = 1024;
 const BLOCK_RETRY: Duration = Duration::from_secs(3);
 
 type Flash = SimFlash<4, 4096>;
+/// MQTT publishes a device may have in flight (it sends one summary per interval, one block
+/// request at a time and a few progress reports; rumqttc keeps a slot per possible one).
+const MAX_INFLIGHT: u16 = 16;
+
+/// A device's flash, copy-on-write: until its first program or erase it reads the factory
+/// state shared by every device with the same factory image and layout, so a fleet that is
+/// never offered an update holds no flash of its own (a copy is ~150 KB per device).
+struct CowFlash {
+    factory: Arc<Flash>,
+    own: Option<Box<Flash>>,
+}
+
+impl CowFlash {
+    /// The flash of a device leaving the factory: the image in slot 0, provisioned.
+    fn factory(layout: &Layout, factory: &Factory) -> Result<Self, String> {
+        type Key = ([u8; 32], u32, u32, u32);
+        static SHARED: OnceLock<Mutex<HashMap<Key, Arc<Flash>>>> = OnceLock::new();
+        let image = &factory.image;
+        let sha256: [u8; 32] = Sha256::digest(image.as_slice()).into();
+        let key = (
+            sha256,
+            image.len() as u32,
+            factory.model_seq,
+            layout.slots[0].len,
+        );
+        let shared = SHARED.get_or_init(Default::default);
+        let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = shared.get(&key) {
+            return Ok(Self {
+                factory: f.clone(),
+                own: None,
+            });
+        }
+        let mut flash = Flash::new((layout.progress.start + layout.progress.len) as usize);
+        flash.load(0, image);
+        let info = ImageInfo {
+            seq: factory.model_seq,
+            size: image.len() as u32,
+            sha256,
+        };
+        boot::provision(&mut flash, layout, 0, info).map_err(|e| format!("provision: {e:?}"))?;
+        let flash = Arc::new(flash);
+        shared.insert(key, flash.clone());
+        Ok(Self {
+            factory: flash,
+            own: None,
+        })
+    }
+
+    fn own(&mut self) -> &mut Flash {
+        let factory = &self.factory;
+        self.own
+            .get_or_insert_with(|| Box::new(Flash::clone(factory)))
+    }
+
+    fn ops(&self) -> usize {
+        self.own.as_ref().map_or(self.factory.ops(), |f| f.ops())
+    }
+
+    fn power_on(&mut self) {
+        if let Some(f) = &mut self.own {
+            f.power_on();
+        }
+    }
+
+    fn cut_power_at(&mut self, op: usize, how: Cut) {
+        self.own().cut_power_at(op, how);
+    }
+}
+
+impl ErrorType for CowFlash {
+    type Error = SimError;
+}
+
+impl ReadNorFlash for CowFlash {
+    const READ_SIZE: usize = <Flash as ReadNorFlash>::READ_SIZE;
+    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), SimError> {
+        match &mut self.own {
+            Some(f) => f.read(offset, bytes),
+            None => {
+                let start = offset as usize;
+                let src = start
+                    .checked_add(bytes.len())
+                    .and_then(|end| self.factory.bytes().get(start..end))
+                    .ok_or(SimError::OutOfBounds)?;
+                bytes.copy_from_slice(src);
+                Ok(())
+            }
+        }
+    }
+    fn capacity(&self) -> usize {
+        self.factory.capacity()
+    }
+}
+
+impl NorFlash for CowFlash {
+    const WRITE_SIZE: usize = <Flash as NorFlash>::WRITE_SIZE;
+    const ERASE_SIZE: usize = <Flash as NorFlash>::ERASE_SIZE;
+    fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
+        self.own().erase(from, to)
+    }
+    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
+        self.own().write(offset, bytes)
+    }
+}
 
 /// The device's flash with a power switch: armed with `n > 0`, the power goes during the
 /// `n`-th program or erase from then on (0: disarmed).
 struct Switched<'f> {
-    flash: &'f mut Flash,
+    flash: &'f mut CowFlash,
     armed: Arc<AtomicU32>,
 }
 
@@ -41,7 +148,7 @@ impl ErrorType for Switched<'_> {
 }
 
 impl ReadNorFlash for Switched<'_> {
-    const READ_SIZE: usize = <Flash as ReadNorFlash>::READ_SIZE;
+    const READ_SIZE: usize = <CowFlash as ReadNorFlash>::READ_SIZE;
     fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), SimError> {
         self.flash.read(offset, bytes)
     }
@@ -65,8 +172,8 @@ impl Switched<'_> {
 }
 
 impl NorFlash for Switched<'_> {
-    const WRITE_SIZE: usize = <Flash as NorFlash>::WRITE_SIZE;
-    const ERASE_SIZE: usize = <Flash as NorFlash>::ERASE_SIZE;
+    const WRITE_SIZE: usize = <CowFlash as NorFlash>::WRITE_SIZE;
+    const ERASE_SIZE: usize = <CowFlash as NorFlash>::ERASE_SIZE;
     fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
         self.tick();
         self.flash.erase(from, to)
@@ -329,13 +436,21 @@ impl SelfTest for PassFail {
     }
 }
 
-/// The device's MQTT side for one boot.
+/// The device's MQTT side for one connection.
 struct Link {
     client: AsyncClient,
     events: EventLoop,
     id: String,
     key: DeviceKey,
     boot: u32,
+    /// Counts the connection as held while it lives (load runs).
+    held: Held,
+    /// Load runs: per QoS 1 publish handed to the client, in order, the summary's
+    /// `(seq, sent at)` (`None` for other messages); matched to packet ids as the client
+    /// writes them, then to PUBACKs.
+    queued: VecDeque<Option<(u32, Instant)>>,
+    in_flight: Vec<(u16, u32, Instant)>,
+    load: Option<Load>,
 }
 
 impl Link {
@@ -347,14 +462,59 @@ impl Link {
         seal(&self.id, &self.key, kind, msg)
     }
 
-    fn send(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+    fn send(&mut self, topic: String, payload: Vec<u8>) -> Result<(), String> {
         self.publish(topic, payload, false)
     }
 
-    fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<(), String> {
+    fn publish(&mut self, topic: String, payload: Vec<u8>, retain: bool) -> Result<(), String> {
         self.client
             .try_publish(topic, QoS::AtLeastOnce, retain, payload)
-            .map_err(|e| format!("publish: {e}"))
+            .map_err(|e| format!("publish: {e}"))?;
+        if self.load.is_some() {
+            self.queued.push_back(None);
+        }
+        Ok(())
+    }
+
+    /// Sends summary `seq` of this boot (counted and, on a sampled device, timed).
+    fn send_summary(&mut self, topic: String, payload: Vec<u8>, seq: u32) -> Result<(), String> {
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, false, payload)
+            .map_err(|e| format!("publish: {e}"))?;
+        if let Some(load) = &self.load {
+            let now = Instant::now();
+            load.stats.summaries_sent.fetch_add(1, Ordering::Relaxed);
+            if let Some(probe) = &load.probe {
+                let _ = probe.send(Published {
+                    device: Arc::from(self.id.as_str()),
+                    boot: self.boot,
+                    seq,
+                    at: now,
+                });
+            }
+            self.queued.push_back(Some((seq, now)));
+        }
+        Ok(())
+    }
+
+    /// Follows the client's events for the acknowledgement latency of summaries.
+    fn track(&mut self, event: &Event) {
+        let Some(load) = &self.load else { return };
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => {
+                if let Some(Some((seq, at))) = self.queued.pop_front() {
+                    self.in_flight.push((*pkid, seq, at));
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(i) = self.in_flight.iter().position(|(p, ..)| *p == ack.pkid) {
+                    let (_, _, at) = self.in_flight.swap_remove(i);
+                    load.stats.summaries_acked.fetch_add(1, Ordering::Relaxed);
+                    load.stats.ack_latency.record(at.elapsed());
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -382,6 +542,16 @@ pub async fn run(
     events: Option<mpsc::UnboundedSender<SimEvent>>,
     stop: watch::Receiver<bool>,
 ) {
+    run_with(spec, events, stop, None).await
+}
+
+/// [`run`], counting connections and summaries into `load` (a load test).
+pub async fn run_with(
+    spec: DeviceSpec,
+    events: Option<mpsc::UnboundedSender<SimEvent>>,
+    stop: watch::Receiver<bool>,
+    load: Option<Load>,
+) {
     let emit = |kind: SimEventKind| {
         if let Some(tx) = &events {
             let _ = tx.send(SimEvent {
@@ -390,7 +560,7 @@ pub async fn run(
             });
         }
     };
-    if let Err(e) = life(&spec, &emit, stop).await {
+    if let Err(e) = life(&spec, &emit, stop, load.as_ref()).await {
         tracing::warn!(device = %spec.id, error = %e, "simulated device stopped");
         emit(SimEventKind::Error(e));
     }
@@ -400,6 +570,7 @@ async fn life(
     spec: &DeviceSpec,
     emit: &(dyn Fn(SimEventKind) + Sync),
     mut stop: watch::Receiver<bool>,
+    load: Option<&Load>,
 ) -> Result<(), String> {
     let layout = layout(spec.slot_size);
     let image = &spec.factory.image;
@@ -410,14 +581,7 @@ async fn life(
             layout.slots[0].len
         ));
     }
-    let mut flash = Flash::new((layout.progress.start + layout.progress.len) as usize);
-    flash.load(0, image);
-    let info = ImageInfo {
-        seq: spec.factory.model_seq,
-        size: image.len() as u32,
-        sha256: Sha256::digest(image.as_slice()).into(),
-    };
-    boot::provision(&mut flash, &layout, 0, info).map_err(|e| format!("provision: {e:?}"))?;
+    let mut flash = CowFlash::factory(&layout, &spec.factory)?;
     let keys: Vec<TrustedKey<'_>> = spec
         .trusted
         .iter()
@@ -461,21 +625,21 @@ async fn life(
             .unwrap_or_else(|| format!("seq-{running}"));
 
         let mut seqs = Seqs::default();
-        let mut link = open_link(spec, boot_no, &mut seqs, &version, running).await?;
+        let mut link = open_link(spec, boot_no, &mut seqs, &version, running, load).await?;
         emit(SimEventKind::Online {
             boot: boot_no,
             model_version: version.clone(),
         });
         let offer_topic = format!("tf/v1/{}/ota/offer", spec.id);
         let blk_topic = format!("tf/v1/{}/ota/blk", spec.id);
-        let report = |link: &Link, seqs: &mut Seqs, r: Report| -> Result<(), String> {
+        let report = |link: &mut Link, seqs: &mut Seqs, r: Report| -> Result<(), String> {
             let (t, p) = link.seal(Kind::Progress, &r.progress(link.boot, seqs.progress))?;
             seqs.progress += 1;
             emit(SimEventKind::Progress(r));
             link.send(t, p)
         };
         if let Some(r) = inst.take_report() {
-            report(&link, &mut seqs, r)?;
+            report(&mut link, &mut seqs, r)?;
         }
         if inst.next() == Next::SelfTest {
             let passes = (spec.behaviour.self_test)(&spec.hw, &version);
@@ -484,7 +648,7 @@ async fn life(
                 .map_err(|e| format!("self-test: {e:?}"))?;
             // (A power cut is only ever armed during a download.)
             if let Some(r) = r {
-                report(&link, &mut seqs, r)?;
+                report(&mut link, &mut seqs, r)?;
             }
         }
 
@@ -497,7 +661,6 @@ async fn life(
         // The block request in flight: (object offset, sent at).
         let mut in_flight: Option<(u32, Instant)> = None;
         let mut retry = tokio::time::interval(Duration::from_millis(500));
-        let mut scratch = [0u8; MAX_OFFER];
         // How this boot ends: a reboot asked by the installer (clean) or a power cut.
         let mut power_cut = false;
         let mut offline_at = spec
@@ -532,7 +695,7 @@ async fn life(
                 }
                 Next::Switch => {
                     match inst.switch() {
-                        Ok(Some(r)) => report(&link, &mut seqs, r)?,
+                        Ok(Some(r)) => report(&mut link, &mut seqs, r)?,
                         Ok(None) => {}
                         Err(e) if power_lost(&e) => {
                             power_cut = true;
@@ -546,11 +709,16 @@ async fn life(
                 Next::Idle | Next::SelfTest => {}
             }
             tokio::select! {
-                ev = link.events.poll() => match ev {
+                ev = link.events.poll() => {
+                if let Ok(ev) = &ev {
+                    link.track(ev);
+                }
+                match ev {
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == offer_topic => {
                         if p.payload.is_empty() {
                             continue; // withdrawn
                         }
+                        let mut scratch = vec![0u8; MAX_OFFER];
                         let seen = verify_offer(&p.payload, &keys, &mut scratch).ok();
                         let seq = seen.as_ref().map_or(0, |m| m.seq);
                         if let Some(m) = &seen {
@@ -574,7 +742,7 @@ async fn life(
                             power_cut_done = true;
                             armed.store(3 + (rng.next_u64() % 40) as u32, Ordering::Relaxed);
                         }
-                        report(&link, &mut seqs, r)?;
+                        report(&mut link, &mut seqs, r)?;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == blk_topic => {
                         let Ok(block) = wire::from_cbor::<wire::Block<'_>>(&p.payload) else {
@@ -586,7 +754,7 @@ async fn life(
                         {
                             in_flight = None;
                             match inst.write(block.offset, block.data) {
-                                Ok(Some(r)) => report(&link, &mut seqs, r)?,
+                                Ok(Some(r)) => report(&mut link, &mut seqs, r)?,
                                 Ok(None) => {}
                                 Err(e) if power_lost(&e) => {
                                     power_cut = true;
@@ -600,11 +768,12 @@ async fn life(
                     Err(e) => {
                         // Same boot, new connection (a new hello and will).
                         tracing::debug!(device = %spec.id, error = %e, "connection lost; reconnecting");
+                        link.held.lost();
                         tokio::time::sleep(Duration::from_millis(500)).await;
-                        link = open_link(spec, boot_no, &mut seqs, &version, running).await?;
+                        link = open_link(spec, boot_no, &mut seqs, &version, running, load).await?;
                         in_flight = None;
                     }
-                },
+                }},
                 _ = summary_tick.tick() => {
                     let ctx = StreamContext {
                         device: &spec.id,
@@ -634,7 +803,7 @@ async fn life(
                         .finish_window(uptime, None, device, &link.key, &mut out)
                         .map_err(|e| format!("summary: {e:?}"))?;
                     let topic = Topic::new(device, Kind::Summary).as_str().to_owned();
-                    link.send(topic, out[..n].to_vec())?;
+                    link.send_summary(topic, out[..n].to_vec(), seq)?;
                     windows_sent += 1;
                     emit(SimEventKind::Summary { seq });
                 }
@@ -648,6 +817,7 @@ async fn life(
                     // The radio goes: no DISCONNECT, the broker publishes the will.
                     let until = offline_at.take().map(|(_, until)| until);
                     drop(std::mem::replace(&mut link.events, dead_events(spec)));
+                    link.held.lost();
                     emit(SimEventKind::Offline);
                     if let Some(until) = until {
                         tokio::select! {
@@ -655,7 +825,7 @@ async fn life(
                             _ = stop.changed() => return Ok(()),
                         }
                     }
-                    link = open_link(spec, boot_no, &mut seqs, &version, running).await?;
+                    link = open_link(spec, boot_no, &mut seqs, &version, running, load).await?;
                     in_flight = None;
                 }
                 _ = stop.changed() => {
@@ -707,10 +877,11 @@ async fn open_link(
     seqs: &mut Seqs,
     version: &str,
     model_seq: u32,
+    load: Option<&Load>,
 ) -> Result<Link, String> {
     let seq = seqs.hello;
     seqs.hello += 1;
-    let link = connect(spec, boot, seq).await?;
+    let mut link = connect(spec, boot, seq, load).await?;
     let hello = wire::Hello {
         boot,
         seq,
@@ -736,9 +907,22 @@ async fn open_link(
 
 /// Connects for connection `(boot, seq)` and waits for the broker's CONNACK (retrying with
 /// backoff while the broker is unreachable; a refusal is an error).
-async fn connect(spec: &DeviceSpec, boot: u32, seq: u32) -> Result<Link, String> {
+async fn connect(
+    spec: &DeviceSpec,
+    boot: u32,
+    seq: u32,
+    load: Option<&Load>,
+) -> Result<Link, String> {
     let mut delay = Duration::from_millis(200);
+    let stats = load.map(|l| &l.stats);
+    // rumqttc's default is 5 s (TCP connect to CONNACK).
+    let timeout = load.map_or(Duration::from_secs(5), |l| l.connect_timeout);
     loop {
+        let permit = match load.and_then(|l| l.connecting.clone()) {
+            Some(gate) => gate.acquire_owned().await.ok(),
+            None => None,
+        };
+        let attempt = Instant::now();
         let (topic, will) = seal(
             &spec.id,
             &spec.mac_key,
@@ -750,19 +934,31 @@ async fn connect(spec: &DeviceSpec, boot: u32, seq: u32) -> Result<Link, String>
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_clean_session(true);
         opts.set_max_packet_size(16 * 1024, 16 * 1024);
+        opts.set_inflight(MAX_INFLIGHT);
         opts.set_last_will(LastWill::new(topic, will, QoS::AtLeastOnce, true));
-        let (client, events) = AsyncClient::new(opts, 64);
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_connection_timeout(timeout.as_secs().max(1));
+        events.set_network_options(network);
         let mut link = Link {
             client,
             events,
             id: spec.id.clone(),
             key: spec.mac_key.clone(),
             boot,
+            held: Held::default(),
+            queued: VecDeque::new(),
+            in_flight: Vec::new(),
+            load: load.cloned(),
         };
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), link.events.poll()).await {
+            match tokio::time::timeout(timeout + Duration::from_secs(5), link.events.poll()).await {
                 Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
                     if ack.code == rumqttc::ConnectReturnCode::Success {
+                        link.held = Held::new(stats);
+                        if let Some(s) = stats {
+                            s.connect_latency.record(attempt.elapsed());
+                        }
                         return Ok(link);
                     }
                     return Err(format!("connection refused: {:?}", ack.code));
@@ -774,7 +970,13 @@ async fn connect(spec: &DeviceSpec, boot: u32, seq: u32) -> Result<Link, String>
                 Ok(Err(_)) | Err(_) => break,
             }
         }
-        tokio::time::sleep(delay).await;
+        drop(permit);
+        if let Some(s) = stats {
+            s.connect_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        // Jittered (0.5-1.5x), so that devices refused together do not retry together.
+        let jitter = 0.5 + Rng::new(spec.seed ^ attempt.elapsed().as_nanos() as u64).uniform();
+        tokio::time::sleep(delay.mul_f64(jitter)).await;
         delay = (delay * 2).min(Duration::from_secs(10));
     }
 }

@@ -13,12 +13,18 @@
 //! device, its model version and the window number to the stream's parameters (covariate
 //! shift, accuracy), the share of labelled inferences, and whether a version's self-test
 //! passes. Tests and the demo watch devices through [`SimEvent`]s.
+//!
+//! As a load generator ([`run_with`] and [`load`]): a device's flash is copy-on-write (shared
+//! with every device of the same factory image until its first install), its MQTT client keeps
+//! few publishes in flight, and connections, summaries, PUBACK latencies and the publish times
+//! of sampled summaries are counted into a shared [`load::LoadStats`].
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod device;
+pub mod load;
 
 pub use device::{
     Behaviour, DeviceSpec, Factory, SimEvent, SimEventKind, StreamContext, WindowData, draw,
-    reference_csv, run,
+    reference_csv, run, run_with,
 };

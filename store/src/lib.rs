@@ -68,6 +68,10 @@ pub enum StoreError {
     #[error("invalid device id {0:?}: use 1-64 of A-Z a-z 0-9 . _ -")]
     BadDeviceId(String),
     #[error(
+        "device id {0:?} is reserved: ids starting with \"tinyfleet-\" are tinyfleet's own clients"
+    )]
+    ReservedDeviceId(String),
+    #[error(
         "database {path} has schema version {found}, this build knows up to {known}; upgrade tinyfleet"
     )]
     SchemaTooNew {

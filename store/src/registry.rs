@@ -127,6 +127,11 @@ impl SyncState {
     }
 }
 
+/// Device ids may not start with this: tinyfleet's own MQTT clients (`tinyfleet-ingest`, the
+/// embedded broker's `tinyfleet-router-wake`, ...) use it as their client id, and a device with
+/// such an id could take over their sessions.
+pub const RESERVED_PREFIX: &str = "tinyfleet-";
+
 /// The registry. Cheap to clone; all clones share one map and connection.
 #[derive(Clone)]
 pub struct Registry {
@@ -387,6 +392,9 @@ impl Registry {
     /// Registers a device and returns its secrets (the only time they exist in the clear).
     pub fn provision(&self, id: &str, tags: BTreeMap<String, String>) -> Result<Credentials> {
         DeviceId::new(id).map_err(|_| StoreError::BadDeviceId(id.to_owned()))?;
+        if id.starts_with(RESERVED_PREFIX) {
+            return Err(StoreError::ReservedDeviceId(id.to_owned()));
+        }
         if read(&self.devices).contains_key(id) {
             return Err(StoreError::DeviceExists(id.to_owned()));
         }
@@ -502,6 +510,14 @@ impl Registry {
         (out, legacy)
     }
 
+    /// Devices provisioned and not revoked, as this process knows them.
+    pub fn active_count(&self) -> usize {
+        read(&self.devices)
+            .values()
+            .filter(|e| e.record.revoked_ms.is_none())
+            .count()
+    }
+
     pub fn get(&self, id: &str) -> Option<DeviceRecord> {
         self.with_entry(id, |e| e.record.clone())
     }
@@ -578,6 +594,10 @@ mod tests {
             assert!(matches!(
                 reg.provision("a/b", BTreeMap::new()),
                 Err(StoreError::BadDeviceId(_))
+            ));
+            assert!(matches!(
+                reg.provision("tinyfleet-ingest", BTreeMap::new()),
+                Err(StoreError::ReservedDeviceId(_))
             ));
             assert!(matches!(reg.revoke("nope"), Err(StoreError::NoDevice(_))));
             // Nothing secret is in the database.
