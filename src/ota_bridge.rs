@@ -1,6 +1,7 @@
 //! The OTA service's side of `tinyfleet serve`: answers devices' verified block requests (MQTT
 //! block transfer), publishes the rollouts' retained offers, and feeds the rollouts with
-//! ingest's progress reports and presence changes and the monitor's evaluated windows.
+//! ingest's progress reports and presence changes (this process's at once, every process's
+//! through the store's change feed) and the monitor's evaluated windows.
 //!
 //! Ingest verifies and deduplicates `tf/v1/{device}/ota/breq` like every device message and
 //! hands each request over at once ([`Pipeline::on_block_request`]); it does not wait for a
@@ -13,6 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
 use tinyfleet_drift::engine::{DeviceWindow, feature_psi};
@@ -24,6 +26,7 @@ use tinyfleet_ota_service::Ota;
 use tinyfleet_ota_service::blocks::{self, BlockError};
 use tinyfleet_ota_service::rollout::{ProgressReport, QualityObservation};
 use tinyfleet_ota_service::service::{OfferSink, Rollouts};
+use tinyfleet_store::Store;
 use tokio::sync::{mpsc, watch};
 
 /// Requests waiting for an answer at most.
@@ -186,6 +189,10 @@ impl OfferSink for MqttOffers {
 /// Ingest's committed events for the rollouts: progress reports, and the devices whose
 /// presence or hello changed. Queued for [`feed_rollouts`] (sinks must not block); events
 /// that arrive before the rollouts are open wait in the queue.
+///
+/// This is the fast path for what this process's own ingest commits; [`feed_rollouts`] also
+/// reads the store's change feed, which holds what every process (ingest replicas included)
+/// commits.
 #[derive(Debug)]
 pub struct RolloutFeed {
     tx: mpsc::UnboundedSender<FeedItem>,
@@ -203,35 +210,178 @@ impl RolloutFeed {
     }
 }
 
-/// Applies the feed's items to the rollouts until `shutdown`.
+/// How often [`feed_rollouts`] reads the store's change feed.
+pub const FEED_POLL: Duration = Duration::from_secs(1);
+/// Changes read at most per store call (a full page is followed by the next at once).
+const FEED_PAGE: u32 = 1000;
+/// Where the change feed's cursor is kept (a service-state entry), so a restarted `all`
+/// process carries on after the last change the rollouts took.
+pub const FEED_CURSOR: &str = "rollouts/feed_cursor";
+/// Reads of one page that may fail to reach the rollouts (a store error, a rollout not saved)
+/// before the feed moves past it (logged), so a lasting fault cannot stall it forever.
+const FEED_RETRIES: u32 = 30;
+
+/// Feeds the rollouts until `shutdown`, from two sources, one at a time:
+///
+/// - the in-process [`RolloutFeed`] of this process's own ingest, at once;
+/// - every `poll` (and at once after a full page), the store's change feed
+///   ([`Store::device_changes`]): the progress reports, presence changes and hellos committed
+///   by any process, ingest replicas included, since the saved cursor ([`FEED_CURSOR`]).
+///
+/// Changes this process's ingest committed arrive twice; the rollouts skip a report they have
+/// applied and a device showing nothing new ([`Rollouts::on_progress`],
+/// [`Rollouts::on_devices_changed`]), so the second delivery changes and writes nothing. The
+/// cursor is saved after the rollouts took a page (a page they could not save is read again),
+/// so after a restart, or a crash between an ingest commit and the rollouts' save, nothing
+/// committed meanwhile is missed.
 pub async fn feed_rollouts(
     rollouts: Arc<Rollouts>,
+    store: Store,
     mut rx: mpsc::UnboundedReceiver<FeedItem>,
+    poll: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut poll_tick = tokio::time::interval(poll);
+    poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut feed = StoreFeed::default();
+    let mut in_process = true;
     loop {
-        let (reports, devices) = tokio::select! {
-            m = rx.recv() => match m {
-                Some(m) => m,
-                None => return,
+        tokio::select! {
+            m = rx.recv(), if in_process => match m {
+                Some((reports, devices)) => {
+                    let rollouts = rollouts.clone();
+                    let done = tokio::task::spawn_blocking(move || {
+                        let now = tinyfleet_store::now_ms();
+                        if !devices.is_empty() {
+                            rollouts.on_devices_changed(&devices, now);
+                        }
+                        if !reports.is_empty() {
+                            rollouts.on_progress(&reports, now);
+                        }
+                    })
+                    .await;
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "rollout update failed");
+                    }
+                }
+                // No ingest events any more (a replica's feed, or ingest stopped): the store
+                // feed carries on.
+                None => in_process = false,
             },
+            _ = poll_tick.tick() => {
+                loop {
+                    let (rollouts, store, mut f) = (rollouts.clone(), store.clone(), feed);
+                    match tokio::task::spawn_blocking(move || {
+                        let more = f.step(&store, &rollouts);
+                        (f, more)
+                    })
+                    .await
+                    {
+                        Ok((f, more)) => {
+                            feed = f;
+                            if !more || *shutdown.borrow() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "rollout feed task failed");
+                            break;
+                        }
+                    }
+                }
+            }
             _ = shutdown.changed() => return,
-        };
-        let rollouts = rollouts.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            let now = tinyfleet_store::now_ms();
-            if !devices.is_empty() {
-                rollouts.on_devices_changed(&devices, now);
-            }
-            if !reports.is_empty() {
-                rollouts.on_progress(&reports, now);
-            }
-        })
-        .await;
-        if let Err(e) = done {
-            tracing::error!(error = %e, "rollout update failed");
         }
     }
+}
+
+/// Where the rollouts stand in the store's change feed.
+#[derive(Debug, Clone, Copy, Default)]
+struct StoreFeed {
+    /// The last change number the rollouts took; `None` until read from the store.
+    cursor: Option<i64>,
+    /// Failed attempts at the page after `cursor`.
+    failures: u32,
+}
+
+impl StoreFeed {
+    /// Hands the next page of changes to the rollouts; returns whether more may follow at once.
+    fn step(&mut self, store: &Store, rollouts: &Rollouts) -> bool {
+        let cursor = match self.cursor {
+            Some(c) => c,
+            None => match load_cursor(store) {
+                Ok(c) => *self.cursor.insert(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "rollout feed: cursor not read; retrying");
+                    return false;
+                }
+            },
+        };
+        let page = match store.device_changes(cursor, FEED_PAGE) {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %e, "rollout feed: changes not read; retrying");
+                return false;
+            }
+        };
+        if page.cursor == cursor {
+            return false;
+        }
+        let now = tinyfleet_store::now_ms();
+        let mut taken = true;
+        if !page.devices.is_empty() {
+            taken &= rollouts.on_devices_changed(&page.devices, now);
+        }
+        if !page.progress.is_empty() {
+            let reports: Vec<ProgressReport> = page
+                .progress
+                .into_iter()
+                .map(|o| ProgressReport {
+                    device: o.id,
+                    boot: o.boot,
+                    seq: o.seq,
+                    manifest_seq: o.manifest_seq,
+                    state: o.state,
+                    bytes: o.bytes,
+                    error: o.error,
+                })
+                .collect();
+            taken &= rollouts.on_progress(&reports, now);
+        }
+        if !taken {
+            self.failures += 1;
+            if self.failures < FEED_RETRIES {
+                return false;
+            }
+            tracing::error!(
+                from = cursor,
+                to = page.cursor,
+                "rollout feed: changes not taken after {FEED_RETRIES} attempts; moving on \
+                 (the rollouts catch up at the devices' next reports)"
+            );
+        }
+        self.failures = 0;
+        self.cursor = Some(page.cursor);
+        let value = page.cursor.to_string();
+        if let Err(e) = store.put_service_state(&[(FEED_CURSOR, &value)], now) {
+            // Kept in memory; the next page saves it (after a restart, changes since the last
+            // saved cursor are taken again, which changes nothing).
+            tracing::warn!(error = %e, "rollout feed: cursor not saved");
+        }
+        page.more
+    }
+}
+
+/// The saved cursor, or 0 (the feed's start) when none was saved: the feed holds each device
+/// at most once per kind, and what the rollouts took already changes nothing.
+fn load_cursor(store: &Store) -> Result<i64, tinyfleet_store::StoreError> {
+    Ok(match store.service_state(FEED_CURSOR)? {
+        Some(v) => v.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(value = %v, "rollout feed: unreadable saved cursor; reading from the start");
+            0
+        }),
+        None => 0,
+    })
 }
 
 impl EventSink for RolloutFeed {

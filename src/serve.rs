@@ -484,9 +484,13 @@ async fn start_control(
         .map_err(|e| format!("cannot open the rollouts: {e}"))?;
         Arc::new(rollouts)
     };
+    // Progress, presence and hellos: this process's ingest at once, and every process's
+    // (ingest replicas included) from the store's change feed.
     let feed_task = tokio::spawn(ota_bridge::feed_rollouts(
         rollouts.clone(),
+        store.clone(),
         rollout_feed_rx,
+        ota_bridge::FEED_POLL,
         shutdown_rx.clone(),
     ));
     let tick_task = tokio::spawn(ota_bridge::tick_rollouts(

@@ -1,8 +1,9 @@
 //! Mosquitto as the external broker (Debian's package, a real process): device authentication
 //! from the password file `serve` keeps, per-device ACLs by `pattern`, and two `serve`
 //! processes (an `all` one and an `ingest` replica) splitting one `$share/...` subscription
-//! over one shared store without losing or double counting a summary. Faults: `kill -9` of the
-//! server and a broker restart lose nothing a device saw acknowledged.
+//! over one shared store without losing or double counting a summary, and running a staged
+//! rollout whose progress reports either of them handles. Faults: `kill -9` of the server and
+//! a broker restart lose nothing a device saw acknowledged.
 
 mod support;
 
@@ -149,6 +150,41 @@ fn replica_config(
          [[api.tokens]]\nname = \"viewer\"\ntoken = \"{READ_TOKEN}\"\nrole = \"read\"\n{store}",
         port = mosquitto.services.port()
     )
+}
+
+/// Where two replicas keep their state: one SQLite data directory, or PostgreSQL with a data
+/// directory each (the second needs a copy of the first's `master.key`); `store` is the
+/// `[store]` section, `reload` the `[mqtt]` lines that keep Mosquitto's password file.
+struct Replicas {
+    data: std::path::PathBuf,
+    data_b: std::path::PathBuf,
+    store: String,
+    reload: String,
+}
+
+impl Replicas {
+    fn new(dir: &Path, mosquitto: &Mosquitto, postgres: &Option<String>) -> Replicas {
+        let data = dir.join("data");
+        std::fs::create_dir(&data).expect("data dir");
+        let (store, data_b) = match postgres {
+            Some(url) => (
+                format!("[store]\npostgres_url = \"{url}\"\n"),
+                dir.join("data-b"),
+            ),
+            None => (String::new(), data.clone()),
+        };
+        let reload = format!(
+            "password_file = {:?}\nreload_command = [\"kill\", \"-HUP\", \"{}\"]",
+            dir.join("passwd"),
+            mosquitto.child.id()
+        );
+        Replicas {
+            data,
+            data_b,
+            store,
+            reload,
+        }
+    }
 }
 
 /// A Prometheus sample of the replica's `/metrics`.
@@ -298,20 +334,12 @@ fn replicas_share_one_store(postgres: Option<String>) {
     let Some(mosquitto) = Mosquitto::start(dir.path()) else {
         return;
     };
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).expect("data dir");
-    let (store, data_b) = match &postgres {
-        Some(url) => (
-            format!("[store]\npostgres_url = \"{url}\"\n"),
-            dir.path().join("data-b"),
-        ),
-        None => (String::new(), data.clone()),
-    };
-    let reload = format!(
-        "password_file = {:?}\nreload_command = [\"kill\", \"-HUP\", \"{}\"]",
-        dir.path().join("passwd"),
-        mosquitto.child.id()
-    );
+    let Replicas {
+        data,
+        data_b,
+        store,
+        reload,
+    } = Replicas::new(dir.path(), &mosquitto, &postgres);
     let a = Server::start_config(
         &data,
         &dir.path().join("a.toml"),
@@ -437,6 +465,224 @@ fn replicas_share_one_store(postgres: Option<String>) {
             .connect_with(mosquitto.devices, &devices[5].password)
             .is_err()
             .then_some(())
+    });
+    b.stop();
+    a.stop();
+}
+
+#[test]
+fn a_staged_rollout_takes_the_progress_an_ingest_replica_handles_on_sqlite() {
+    rollout_across_replicas(None);
+}
+
+#[test]
+fn a_staged_rollout_takes_the_progress_an_ingest_replica_handles_on_postgres() {
+    if let Some(url) = postgres_database() {
+        rollout_across_replicas(Some(url));
+    }
+}
+
+/// A model image (deterministic bytes).
+fn image(seed: u32, len: usize) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
+        .collect()
+}
+
+/// Registers `kws@{version}` (`nrf52840`) through the API.
+fn push_version(server: &Server, bytes: &[u8], version: &str, seq: u32) {
+    let resp = reqwest::blocking::Client::new()
+        .post(format!(
+            "{}/api/v1/models/kws/versions/{version}?seq={seq}&hw=nrf52840",
+            server.api
+        ))
+        .bearer_auth(TOKEN)
+        .body(bytes.to_vec())
+        .send()
+        .expect("upload");
+    let status = resp.status().as_u16();
+    assert_eq!(status, 201, "{}", resp.text().unwrap_or_default());
+}
+
+/// A staged rollout with an `all` process and an `ingest` replica splitting the devices'
+/// messages through Mosquitto's share group: simulated devices (the real installer) take the
+/// offers, fetch blocks from either process, install and confirm, and about half of their
+/// progress reports, presence changes and hellos are committed by the replica. The rollouts
+/// in the `all` process read those from the store's change feed, so every stage completes with
+/// every device confirmed; without the feed, a canary whose confirmation went to the replica
+/// would hold the canary stage (the install timeout is an hour).
+fn rollout_across_replicas(postgres: Option<String>) {
+    const DEVICES: usize = 12;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(mosquitto) = Mosquitto::start(dir.path()) else {
+        return;
+    };
+    let Replicas {
+        data,
+        data_b,
+        store,
+        reload,
+    } = Replicas::new(dir.path(), &mosquitto, &postgres);
+    let tail = format!("{store}[ota]\nrollout_tick_ms = 200\n");
+    let a = Server::start_config(
+        &data,
+        &dir.path().join("a.toml"),
+        &replica_config(&data, &mosquitto, "all", "ingest-a", &reload, &tail),
+    );
+    if data_b != data {
+        // PostgreSQL: the replica shares the database, the master key and the artifacts (it
+        // answers block requests too).
+        std::fs::create_dir(&data_b).expect("data dir b");
+        std::fs::copy(data.join("master.key"), data_b.join("master.key")).expect("master.key");
+        std::os::unix::fs::symlink(data.join("artifacts"), data_b.join("artifacts"))
+            .expect("artifacts");
+    }
+    let b = Server::start_config(
+        &data_b,
+        &dir.path().join("b.toml"),
+        &replica_config(&data_b, &mosquitto, "ingest", "ingest-b", "", &tail),
+    );
+
+    let v1 = image(1, 20_000);
+    let mut v2 = v1.clone();
+    for (i, byte) in v2.iter_mut().enumerate().skip(2_000).take(3_000) {
+        *byte = (i as u8).wrapping_mul(31) ^ 7;
+    }
+    push_version(&a, &v1, "1.0", 1);
+    push_version(&a, &v2, "2.0", 2);
+
+    // The fleet on 1.0, each device accepted by Mosquitto before it starts (a simulated
+    // device takes a refusal as final). The probe has no last will, which could otherwise end
+    // the device's first connection.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let trusted = support::trusted_key(&a);
+    let factory = tinyfleet_sim::Factory {
+        model_version: "1.0".into(),
+        model_seq: 1,
+        image: Arc::new(v1.clone()),
+    };
+    let mut tasks = Vec::new();
+    for i in 0..DEVICES {
+        let d = a.provision(&format!("ro-{i:02}"));
+        wait_for(
+            &format!("{} accepted by Mosquitto", d.id),
+            Duration::from_secs(20),
+            || {
+                let (client, events) =
+                    subscriber(mosquitto.devices, &d.id, &d.id, &d.password, &[]);
+                let accepted = matches!(
+                    events.recv_timeout(Duration::from_secs(5)),
+                    Ok(Event::Incoming(Packet::ConnAck(ack)))
+                        if ack.code == rumqttc::ConnectReturnCode::Success
+                );
+                let _ = client.disconnect();
+                accepted.then_some(())
+            },
+        );
+        let spec = tinyfleet_sim::DeviceSpec {
+            id: d.id.clone(),
+            password: d.password.clone(),
+            mac_key: d.key.clone(),
+            hw: "nrf52840".into(),
+            fw: 10,
+            arena: 64 * 1024,
+            model_id: "kws".into(),
+            factory: factory.clone(),
+            slot_size: 32 * 1024,
+            trusted: vec![trusted.clone()],
+            broker_host: mosquitto.devices.ip().to_string(),
+            broker_port: mosquitto.devices.port(),
+            seed: i as u64 + 1,
+            behaviour: tinyfleet_sim::Behaviour {
+                summary_interval: Duration::from_secs(3600),
+                ..tinyfleet_sim::Behaviour::default()
+            },
+        };
+        tasks.push(rt.spawn(tinyfleet_sim::run(
+            spec,
+            Some(events_tx.clone()),
+            stop.subscribe(),
+        )));
+    }
+    let cohorts = || -> Vec<String> {
+        a.get("/api/v1/devices?limit=100")["devices"]
+            .as_array()
+            .map(|ds| {
+                ds.iter()
+                    .filter(|d| d["online"] == true)
+                    .map(|d| d["cohort"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = cohorts();
+        if c.len() == DEVICES && c.iter().all(|c| c == "kws@1.0/nrf52840") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fleet not online on 1.0 within 60 s: {}",
+            a.get("/api/v1/devices?limit=100")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let (status, created) = a.post(
+        "/api/v1/rollouts",
+        TOKEN,
+        serde_json::json!({
+            "model_id": "kws", "version": "2.0", "id": "kws-2",
+            "stages": [
+                { "share": 0.25, "min_devices": 5, "soak_ms": 500, "deadline_ms": 600_000 },
+                { "share": 1.0, "min_devices": 0, "soak_ms": 500, "deadline_ms": 600_000 }
+            ],
+            "install": { "min_done": 5 },
+            "quality": { "required": false },
+        }),
+    );
+    assert_eq!(status, 201, "{created}");
+    let done = wait_for("the rollout completed", Duration::from_secs(180), || {
+        let r = a.get("/api/v1/rollouts/kws-2");
+        while let Ok(e) = events.try_recv() {
+            if let tinyfleet_sim::SimEventKind::Error(err) = &e.kind {
+                panic!("device {} failed: {err}", e.device);
+            }
+        }
+        // The last stage completes once its gates pass, with some devices still installing;
+        // their confirmations keep arriving after.
+        let finished = r["state"] == "aborted"
+            || (r["state"] == "completed" && r["totals"]["confirmed"] == DEVICES as u64);
+        finished.then_some(r)
+    });
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["totals"]["confirmed"], DEVICES as u64, "{done}");
+    assert_eq!(done["totals"]["timed_out"], 0, "{done}");
+    wait_for("every device on 2.0", Duration::from_secs(30), || {
+        let c = cohorts();
+        (c.len() == DEVICES && c.iter().all(|c| c == "kws@2.0/nrf52840")).then_some(())
+    });
+    // Both processes handled progress reports: the replica's reached the rollouts only
+    // through the store.
+    let at_b = metric(
+        &b.api,
+        "tinyfleet_ingest_accepted_total{kind=\"progress\"} ",
+    );
+    let at_a = a.counter("accepted.progress");
+    assert!(
+        at_b > 0 && at_a > 0,
+        "progress reports at the all process: {at_a}, at the replica: {at_b}"
+    );
+    eprintln!("progress reports: {at_a} at the all process, {at_b} at the replica");
+
+    let _ = stop.send(true);
+    rt.block_on(async {
+        for t in tasks {
+            let _ = t.await;
+        }
     });
     b.stop();
     a.stop();

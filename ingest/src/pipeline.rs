@@ -743,6 +743,17 @@ impl Pipeline {
             }
         }
         batch.ota = self.ota.drain().map(|(_, o)| o).collect();
+        // The rollouts' change feed: every device whose presence or hello changed (progress
+        // reports are in `ota`), whichever replica commits it.
+        batch.changed = self
+            .events
+            .presence
+            .iter()
+            .map(|p| p.device.clone())
+            .chain(self.events.hellos.iter().cloned())
+            .collect();
+        batch.changed.sort_unstable();
+        batch.changed.dedup();
         batch.counters = self.metrics.snapshot();
         if let Some(r) = &self.config.replica {
             for (name, _) in &mut batch.counters {

@@ -534,3 +534,68 @@ fn replicas_taking_turns_count_each_summary_once() {
     let agg: WindowAgg = serde_json::from_value(w.agg).unwrap();
     assert_eq!(agg.summaries, 8);
 }
+
+/// What the rollouts follow goes into the store's change feed with the batch that commits it:
+/// devices whose presence or hello changed, and devices with a new progress report; a summary
+/// that changes neither adds nothing.
+#[test]
+fn presence_hellos_and_progress_enter_the_rollouts_change_feed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (a, b, c) = (
+        provision(&store, "feed-a", &[]),
+        provision(&store, "feed-b", &[]),
+        provision(&store, "feed-c", &[]),
+    );
+    let mut p = pipeline(&store);
+    let progress = sealed(
+        &c,
+        Kind::Progress,
+        &wire::Progress {
+            boot: 1,
+            seq: 4,
+            manifest_seq: 2,
+            state: wire::ota_state::DOWNLOADING,
+            bytes: 512,
+            error: 0,
+        },
+    );
+    let b_summaries = summaries(&b, 1, 2);
+    for (topic, payload) in [hello(&a, 1, 0), b_summaries[0].clone(), progress] {
+        p.handle(&topic, &payload, T0);
+    }
+    let (batch, _) = p.take_batch();
+    assert_eq!(
+        batch.changed,
+        ["feed-a", "feed-b"],
+        "hello; online by a summary"
+    );
+    store.commit(&batch).unwrap();
+    let feed = store.device_changes(0, 100).unwrap();
+    assert_eq!(feed.devices, ["feed-a", "feed-b"]);
+    assert_eq!(
+        feed.progress
+            .iter()
+            .map(|o| (o.id.as_str(), o.seq, o.bytes))
+            .collect::<Vec<_>>(),
+        [("feed-c", 4, 512)]
+    );
+
+    // Another summary of an online device: nothing for the feed.
+    p.handle(&b_summaries[1].0, &b_summaries[1].1, T0 + 1);
+    let (batch, _) = p.take_batch();
+    assert!(batch.changed.is_empty() && batch.ota.is_empty());
+    store.commit(&batch).unwrap();
+    assert_eq!(
+        store.device_changes(feed.cursor, 100).unwrap().cursor,
+        feed.cursor
+    );
+
+    // A will takes the device offline: it is in the feed again, after the others.
+    let (topic, payload) = will(&a, 1, 0);
+    p.handle(&topic, &payload, T0 + 2);
+    commit(&mut p);
+    let next = store.device_changes(feed.cursor, 100).unwrap();
+    assert_eq!(next.devices, ["feed-a"]);
+    assert!(next.progress.is_empty());
+}

@@ -544,11 +544,24 @@ impl Rollouts {
 
     /// Verified progress reports (`ota/prog`). Each goes to the live rollouts that offered the
     /// device the manifest it reports on (or manifest 0: an offer it could not read).
-    pub fn on_progress(&self, reports: &[ProgressReport], now_ms: i64) {
+    ///
+    /// Idempotent: a report a rollout has applied already (the same `(boot, seq)`, delivered
+    /// once by the in-process feed and once by the store's change feed, or again after a
+    /// restart) is skipped, so it changes no count, no state and writes nothing; older ones are
+    /// ignored by the engine. Returns whether every rollout it changed was saved (when not, that
+    /// rollout is back where it was before the call and the caller may deliver the reports
+    /// again).
+    pub fn on_progress(&self, reports: &[ProgressReport], now_ms: i64) -> bool {
         let mut inner = lock(&self.inner);
+        let mut saved = true;
         for entry in inner.entries.iter_mut().filter(|e| e.live()) {
-            let mut touched = false;
+            // Taken before the first report applied, so a failed save undoes the reports too
+            // and delivering them again applies them.
+            let mut backup = None;
             for r in reports {
+                if entry.rollout.applied(r) {
+                    continue;
+                }
                 let relevant = entry.rollout.device(&r.device).is_some_and(|d| {
                     r.manifest_seq == 0
                         || [d.forward, d.rollback]
@@ -557,24 +570,34 @@ impl Rollouts {
                             .any(|t| t.seq == r.manifest_seq)
                 });
                 if relevant {
+                    backup.get_or_insert_with(|| entry.rollout.clone());
                     entry.rollout.report(r, now_ms);
-                    touched = true;
                 }
             }
-            if touched {
-                self.tick_entry(entry, now_ms, true);
+            if let Some(backup) = backup {
+                let step = entry.rollout.tick(now_ms);
+                if let Err(e) = self.commit(entry, backup, step, now_ms) {
+                    tracing::error!(rollout = %entry.rollout.id(), error = %e, "cannot save the rollout; its reports are undone");
+                    saved = false;
+                }
             }
         }
+        saved
     }
 
     /// Devices whose registry entry, presence or hello changed: each is read again from the
-    /// store and shown to every live rollout (unknown or revoked devices are forgotten).
-    pub fn on_devices_changed(&self, ids: &[String], now_ms: i64) {
+    /// store and shown to every live rollout (unknown or revoked devices are forgotten). A
+    /// device that shows nothing new to a rollout (the same change delivered twice) leaves it
+    /// untouched and unsaved. Returns whether every device was read and every rollout it
+    /// changed was saved (when not, the caller may deliver the ids again).
+    pub fn on_devices_changed(&self, ids: &[String], now_ms: i64) -> bool {
+        let mut saved = true;
         let mut infos = Vec::with_capacity(ids.len());
         for id in ids {
             match device_info(&self.store, id) {
                 Ok(info) => infos.push((id, info)),
                 Err(e) => {
+                    saved = false;
                     tracing::warn!(device = %id, error = %e, "cannot read device for rollouts")
                 }
             }
@@ -583,10 +606,9 @@ impl Rollouts {
         for entry in inner.entries.iter_mut().filter(|e| e.live()) {
             let mut touched = false;
             for (id, info) in &infos {
-                let member = entry.rollout.device(id).is_some();
                 match info {
-                    Some(d) => touched |= entry.rollout.observe_device(d, now_ms) || member,
-                    None if member => {
+                    Some(d) => touched |= entry.rollout.observe_device_changed(d, now_ms).1,
+                    None if entry.rollout.device(id).is_some() => {
                         entry.rollout.forget_device(id);
                         touched = true;
                     }
@@ -594,9 +616,10 @@ impl Rollouts {
                 }
             }
             if touched {
-                self.tick_entry(entry, now_ms, true);
+                saved &= self.tick_entry(entry, now_ms, true);
             }
         }
+        saved
     }
 
     /// All device observations of one closed window.
@@ -631,15 +654,18 @@ impl Rollouts {
 
     /// Ticks one rollout and commits the step; `dirty`: its state changed before the tick
     /// (reports, devices, observations), so it is saved even when the step is empty.
-    fn tick_entry(&self, entry: &mut Entry, now_ms: i64, dirty: bool) {
+    /// Returns whether the rollout was saved (or needed no saving).
+    fn tick_entry(&self, entry: &mut Entry, now_ms: i64, dirty: bool) -> bool {
         let backup = entry.rollout.clone();
         let step = entry.rollout.tick(now_ms);
         if step.is_empty() && !dirty {
-            return;
+            return true;
         }
         if let Err(e) = self.commit(entry, backup, step, now_ms) {
             tracing::error!(rollout = %entry.rollout.id(), error = %e, "cannot save the rollout; its step is undone and retried");
+            return false;
         }
+        true
     }
 
     /// Persists the rollout and the step's audit, then carries out the actions. When the

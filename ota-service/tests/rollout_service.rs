@@ -602,3 +602,73 @@ fn a_policy_starts_rollouts_of_new_versions() {
     assert!(!rollouts.set_policy("kws", None, T0).unwrap());
     assert_eq!(rollouts.policy("kws").unwrap(), None);
 }
+
+/// `serve` hands the rollouts what its own ingest committed at once and what every process
+/// committed from the store's change feed, so the same reports and device changes arrive
+/// twice (and again after a restart): the second delivery changes no count (successes,
+/// failures, stale reports), writes no audit record and does not even save the rollout.
+#[test]
+fn reports_and_device_changes_delivered_twice_change_nothing() {
+    let env = Env::new(20);
+    let sink = Arc::new(Recorder::default());
+    let rollouts = env.open(&sink, T0);
+    rollouts.create(request("r1"), "alice", T0).unwrap();
+    let first: Vec<String> = offered(&sink.take()).into_iter().collect();
+    let (ok, failed, away) = (&first[0], &first[1], &first[2]);
+    let reports = [
+        report(ok, 1, 2, ota_state::ACCEPTED),
+        report(ok, 2, 2, ota_state::CONFIRMED),
+        report(failed, 1, 2, ota_state::FAILED),
+    ];
+    let t1 = T0 + MINUTE_MS;
+    assert!(rollouts.on_progress(&reports, t1));
+    env.set_state(away, "kws", "v1", "nrf52840", false);
+    assert!(rollouts.on_devices_changed(std::slice::from_ref(away), t1));
+
+    let status = rollouts.status("r1").unwrap();
+    assert_eq!(
+        (status.totals.confirmed, status.totals.failed),
+        (1, 1),
+        "{status:?}"
+    );
+    assert_eq!(status.reports.applied, 3);
+    let audit = rollouts.audit("r1", 0, 1000).unwrap();
+    let row = env.store.rollout("r1").unwrap().unwrap();
+
+    // Again, as the store's feed delivers them (each device's newest report), twice, and the
+    // devices whose presence changed.
+    let t2 = t1 + MINUTE_MS;
+    assert!(rollouts.on_progress(&reports[1..], t2));
+    assert!(rollouts.on_progress(&reports[1..], t2));
+    assert!(rollouts.on_devices_changed(&first, t2));
+    assert!(rollouts.on_devices_changed(std::slice::from_ref(away), t2));
+
+    let again = rollouts.status("r1").unwrap();
+    assert_eq!(again.totals, status.totals);
+    assert_eq!(again.reports, status.reports, "nothing counted twice");
+    assert_eq!(again.stages, status.stages);
+    assert_eq!(rollouts.audit("r1", 0, 1000).unwrap(), audit);
+    assert_eq!(
+        env.store.rollout("r1").unwrap().unwrap(),
+        row,
+        "not saved again"
+    );
+    assert!(sink.take().is_empty(), "nothing published");
+
+    // An older report is still a late arrival, as before (when the store's feed overtakes the
+    // in-process one, a batch's older reports arrive after its newest: counted once, as
+    // stale, and no install changes).
+    assert!(rollouts.on_progress(&[report(ok, 0, 2, ota_state::DOWNLOADING)], t2));
+    assert_eq!(rollouts.status("r1").unwrap().reports.stale, 1);
+
+    // After a restart (the rollout read back from the store), the feed's redelivery from the
+    // saved cursor changes nothing either.
+    drop(rollouts);
+    let rollouts = env.open(&sink, t2);
+    sink.take();
+    let row = env.store.rollout("r1").unwrap().unwrap();
+    assert!(rollouts.on_progress(&reports[1..], t2 + 1));
+    assert!(rollouts.on_devices_changed(&first, t2 + 1));
+    assert_eq!(env.store.rollout("r1").unwrap().unwrap(), row);
+    assert_eq!(rollouts.status("r1").unwrap().totals, status.totals);
+}

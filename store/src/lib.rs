@@ -12,7 +12,9 @@
 //!   aggregates and counters move together, so a crash never counts a summary twice or half.
 //! - Processes sharing the database serialise read-modify-write work with
 //!   [`Store::exclusive`]; the registry's in-memory map catches up with other processes by
-//!   lookups of unknown ids and [`Registry::refresh`].
+//!   lookups of unknown ids and [`Registry::refresh`]; the rollouts of the `all` process learn
+//!   of progress, presence and hellos committed by any process from the change feed
+//!   ([`Store::device_changes`]), numbered in commit order.
 //! - No secret is stored in plain text, logged, or printed by `Debug`; errors never show the
 //!   PostgreSQL password.
 //!
@@ -24,6 +26,7 @@
 
 pub mod backup;
 mod db;
+mod feed;
 mod lock;
 mod models;
 mod monitoring;
@@ -37,6 +40,7 @@ mod testing;
 mod tests_replicas;
 mod ui_queries;
 
+pub use feed::{DeviceChanges, MAX_CHANGES_PAGE};
 pub use lock::ExclusiveGuard;
 pub use models::{ModelVersion, PatchRecord};
 pub use monitoring::{DriftInput, OfflineDevice, ProfileInfo, parse_cohort_key};

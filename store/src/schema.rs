@@ -329,6 +329,40 @@ const MIGRATIONS: &[Migration] = &[
     INSERT INTO registry_version (id, version) VALUES (1, 0);
     "#,
     },
+    // 6: the change feed the rollouts follow (`Store::device_changes`): one row per device and
+    // kind (1: its OTA progress report, 2: its presence or hello), stamped by each ingest
+    // commit that changes it with a number of its own from `device_change_version` (a row
+    // lock, held to the commit, so numbers become visible in order, as in migration 5).
+    Migration {
+        sqlite: r#"
+    CREATE TABLE device_changes (
+        id      TEXT NOT NULL,
+        kind    INTEGER NOT NULL,
+        changed INTEGER NOT NULL,
+        PRIMARY KEY (id, kind)
+    );
+    CREATE INDEX device_changes_changed ON device_changes(changed);
+    CREATE TABLE device_change_version (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO device_change_version (id, version) VALUES (1, 0);
+    "#,
+        postgres: r#"
+    CREATE TABLE device_changes (
+        id      TEXT COLLATE "C" NOT NULL,
+        kind    BIGINT NOT NULL,
+        changed BIGINT NOT NULL,
+        PRIMARY KEY (id, kind)
+    ) WITH (fillfactor = 70);
+    CREATE INDEX device_changes_changed ON device_changes(changed);
+    CREATE TABLE device_change_version (
+        id      BIGINT PRIMARY KEY CHECK (id = 1),
+        version BIGINT NOT NULL
+    );
+    INSERT INTO device_change_version (id, version) VALUES (1, 0);
+    "#,
+    },
 ];
 
 /// The newest schema version this build knows.

@@ -114,6 +114,9 @@ pub struct Batch {
     pub counters: Vec<(String, i64)>,
     /// Newest OTA progress per device; an older `(boot, seq)` than the stored one is ignored.
     pub ota: Vec<DeviceOta>,
+    /// Devices whose presence or hello changed. With every device of `ota`, they are stamped
+    /// in the change feed the rollouts follow ([`Store::device_changes`]).
+    pub changed: Vec<String>,
 }
 
 impl Batch {
@@ -124,6 +127,7 @@ impl Batch {
             && self.cohort_windows.is_empty()
             && self.counters.is_empty()
             && self.ota.is_empty()
+            && self.changed.is_empty()
     }
 }
 
@@ -495,7 +499,13 @@ impl Store {
                     P::from(o.received_ms),
                 ]);
             }
-            db.upsert(&DEVICE_OTA, &v)
+            db.upsert(&DEVICE_OTA, &v)?;
+            // Last: the feed's counter row stays locked until the commit.
+            crate::feed::record(
+                db,
+                ota.keys().copied(),
+                batch.changed.iter().map(String::as_str),
+            )
         })
     }
 
@@ -943,6 +953,7 @@ mod tests {
                     }],
                     counters: vec![("accepted".into(), 4)],
                     ota: vec![],
+                    changed: vec![],
                 };
                 store.commit(&batch).unwrap();
             }

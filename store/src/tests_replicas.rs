@@ -206,6 +206,7 @@ fn two_writers_under_the_section_lose_nothing() {
                         }],
                         counters: vec![("accepted".into(), counter)],
                         ota: vec![],
+                        changed: vec![],
                     };
                     store.commit(&batch).unwrap();
                 }
@@ -433,6 +434,7 @@ fn bench_commit() {
                 .map(|i| (format!("c{i}"), i64::from(round)))
                 .collect(),
             ota: vec![],
+            changed: vec![],
         };
         let batches: Vec<Batch> = (0..=COMMITS).map(batch).collect();
         store.commit(&batches[0]).unwrap();

@@ -10,7 +10,7 @@ use super::gates::{Gate, GateReport, InstallCounts, InstallReport, Verdict};
 use super::plan::{MINUTE_MS, PlanError, RolloutPlan, VersionRef};
 use super::quality::{QualityIntake, QualityObservation, QualityState, Side};
 use super::select;
-use super::track::{ProgressReport, ReportOutcome, Track};
+use super::track::{InstallState, ProgressReport, ReportOutcome, Track};
 
 /// What the shell knows about a device (registry tags, presence and the device state from
 /// its hello). Feed it at start, then on every change (presence, new device, new model).
@@ -562,6 +562,41 @@ impl Rollout {
             }
             _ => false,
         }
+    }
+
+    /// [`Rollout::observe_device`], and whether the rollout's view of the device changed: a
+    /// device shown again with nothing new (the same change delivered twice) changes nothing,
+    /// so the shell need not save the rollout. Returns `(in target, changed)`.
+    pub fn observe_device_changed(&mut self, d: &DeviceInfo, now_ms: i64) -> (bool, bool) {
+        let before = self.members.get(&d.id).cloned();
+        let in_target = self.observe_device(d, now_ms);
+        (in_target, self.members.get(&d.id) != before.as_ref())
+    }
+
+    /// Whether this exact report has been applied already: it is the newest report applied to
+    /// the install it is about (same `(boot, seq)`, which names one message of the device, and
+    /// the same content). Such a report delivered again changes nothing and need not be given
+    /// to [`Rollout::report`] (which would count it as stale).
+    pub fn applied(&self, r: &ProgressReport) -> bool {
+        let Some(m) = self.members.get(&r.device).filter(|m| !m.gone) else {
+            return false;
+        };
+        // The track `report` would apply it to.
+        let unreadable = r.manifest_seq == 0 && r.state == ota_state::REJECTED;
+        let track = if m.rollback.as_ref().is_some_and(|t| t.seq == r.manifest_seq) {
+            m.rollback.as_ref()
+        } else if m.forward.as_ref().is_some_and(|t| t.seq == r.manifest_seq) {
+            m.forward.as_ref()
+        } else if unreadable {
+            m.rollback.as_ref().or(m.forward.as_ref())
+        } else {
+            None
+        };
+        track.is_some_and(|t| {
+            t.last == Some((r.boot, r.seq))
+                && InstallState::from_code(r.state) == Some(t.state)
+                && (t.error, t.bytes) == (r.error, r.bytes)
+        })
     }
 
     /// The shell forgot a device (decommissioned, revoked): it leaves the target, or, once
