@@ -228,8 +228,42 @@ fn drift_eval(devices: usize, runs: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// glibc gives threads that allocate at the same time arenas of their own (up to 8 per core)
+/// and keeps what is freed in them. `serve`'s bursts (the monitor parses every device window of
+/// a closed window, ingest opens the next ones) land on ever other threads, and its RSS grew by
+/// ~120 MB per window at 50,000 devices without levelling off; with two arenas it levels off
+/// (`docs/benchmarks.md`, "serve's memory over many windows"). glibc reads the variable only
+/// when a process starts, and setting it from inside takes `unsafe` code (forbidden here), so
+/// the process executes itself again with it set, keeping its pid. An operator's own
+/// `MALLOC_ARENA_MAX` is left alone.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt as _;
+        /// The arenas a long-running process may use.
+        const MALLOC_ARENAS: &str = "2";
+        if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+            return;
+        }
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        // Returns only when the exec failed.
+        let error = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env("MALLOC_ARENA_MAX", MALLOC_ARENAS)
+            .exec();
+        eprintln!(
+            "warning: cannot limit malloc arenas ({error}); memory may grow with each window"
+        );
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) {
+        limit_malloc_arenas();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TINYFLEET_LOG")
