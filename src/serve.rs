@@ -133,7 +133,7 @@ pub async fn serve_with(
                 tracing::warn!(
                     devices = fleet,
                     "the embedded broker (rumqttd) connects devices ever more slowly as the \
-                     fleet grows (15 per second at 10,000 connected, docs/benchmarks.md); above \
+                     fleet grows (15-25 per second near 10,000 connected, docs/benchmarks.md); above \
                      {EMBEDDED_BROKER_FLEET} devices use Mosquitto ([mqtt], docs/scaling.md)"
                 );
             }

@@ -153,7 +153,7 @@ fn replica_config(
 }
 
 /// Where two replicas keep their state: one SQLite data directory, or PostgreSQL with a data
-/// directory each (the second needs a copy of the first's `master.key`); `store` is the
+/// directory each ([`Replicas::second_data_dir`]); `store` is the
 /// `[store]` section, `reload` the `[mqtt]` lines that keep Mosquitto's password file.
 struct Replicas {
     data: std::path::PathBuf,
@@ -184,6 +184,18 @@ impl Replicas {
             store,
             reload,
         }
+    }
+
+    /// Makes the second replica's data directory, with a copy of the first's `master.key`,
+    /// when the replicas do not share one (PostgreSQL); returns whether it did.
+    fn second_data_dir(&self) -> bool {
+        if self.data_b == self.data {
+            return false;
+        }
+        std::fs::create_dir(&self.data_b).expect("data dir b");
+        std::fs::copy(self.data.join("master.key"), self.data_b.join("master.key"))
+            .expect("master.key");
+        true
     }
 }
 
@@ -334,16 +346,17 @@ fn replicas_share_one_store(postgres: Option<String>) {
     let Some(mosquitto) = Mosquitto::start(dir.path()) else {
         return;
     };
+    let replicas = Replicas::new(dir.path(), &mosquitto, &postgres);
     let Replicas {
         data,
         data_b,
         store,
         reload,
-    } = Replicas::new(dir.path(), &mosquitto, &postgres);
+    } = &replicas;
     let a = Server::start_config(
-        &data,
+        data,
         &dir.path().join("a.toml"),
-        &replica_config(&data, &mosquitto, "all", "ingest-a", &reload, &store),
+        &replica_config(data, &mosquitto, "all", "ingest-a", reload, store),
     );
 
     // Devices provisioned through the API appear in Mosquitto's password file.
@@ -363,15 +376,12 @@ fn replicas_share_one_store(postgres: Option<String>) {
         "a wrong password is refused"
     );
 
-    if data_b != data {
-        // Replicas on PostgreSQL share the database and the master key, nothing else.
-        std::fs::create_dir(&data_b).expect("data dir b");
-        std::fs::copy(data.join("master.key"), data_b.join("master.key")).expect("master.key");
-    }
+    // Replicas on PostgreSQL share the database and the master key, nothing else.
+    replicas.second_data_dir();
     let b = Server::start_config(
-        &data_b,
+        data_b,
         &dir.path().join("b.toml"),
-        &replica_config(&data_b, &mosquitto, "ingest", "ingest-b", "", &store),
+        &replica_config(data_b, &mosquitto, "ingest", "ingest-b", "", store),
     );
     // Provisioned after the replica started: it learns the device from the store.
     let late = a.provision("mq-6");
@@ -517,30 +527,28 @@ fn rollout_across_replicas(postgres: Option<String>) {
     let Some(mosquitto) = Mosquitto::start(dir.path()) else {
         return;
     };
+    let replicas = Replicas::new(dir.path(), &mosquitto, &postgres);
     let Replicas {
         data,
         data_b,
         store,
         reload,
-    } = Replicas::new(dir.path(), &mosquitto, &postgres);
+    } = &replicas;
     let tail = format!("{store}[ota]\nrollout_tick_ms = 200\n");
     let a = Server::start_config(
-        &data,
+        data,
         &dir.path().join("a.toml"),
-        &replica_config(&data, &mosquitto, "all", "ingest-a", &reload, &tail),
+        &replica_config(data, &mosquitto, "all", "ingest-a", reload, &tail),
     );
-    if data_b != data {
-        // PostgreSQL: the replica shares the database, the master key and the artifacts (it
-        // answers block requests too).
-        std::fs::create_dir(&data_b).expect("data dir b");
-        std::fs::copy(data.join("master.key"), data_b.join("master.key")).expect("master.key");
+    if replicas.second_data_dir() {
+        // PostgreSQL: the replica also shares the artifacts (it answers block requests too).
         std::os::unix::fs::symlink(data.join("artifacts"), data_b.join("artifacts"))
             .expect("artifacts");
     }
     let b = Server::start_config(
-        &data_b,
+        data_b,
         &dir.path().join("b.toml"),
-        &replica_config(&data_b, &mosquitto, "ingest", "ingest-b", "", &tail),
+        &replica_config(data_b, &mosquitto, "ingest", "ingest-b", "", &tail),
     );
 
     let v1 = image(1, 20_000);

@@ -45,8 +45,8 @@
 //! - **Connection limit**: a CONNECT beyond `max_connections` is closed without CONNACK.
 //! - **Fleet size**: connecting costs the router work proportional to the fleet (one thread
 //!   compares each new subscription with every topic and retained message, and each new topic
-//!   with every filter), so a fleet's whole (re)connection costs O(n^2). Measured: 38
-//!   connections/s at 5,000 connected, 15/s at 10,000 (`docs/benchmarks.md`, "Load"). The
+//!   with every filter), so a fleet's whole (re)connection costs O(n^2). Measured: 38-51
+//!   connections/s at 5,000 connected, 15-25/s near 10,000 (`docs/benchmarks.md`, "Load"). The
 //!   embedded broker suits fleets of a few thousand devices; beyond, use an external broker.
 //! - **Lost wake-up**: the router can fall asleep with work in its ready queue; with every
 //!   connection's task blocked behind it, the broker then stops for good (seen at ~10,450

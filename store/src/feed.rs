@@ -142,9 +142,10 @@ impl Store {
         Ok(out)
     }
 
-    /// The newest change number committed so far (0 before the first): a reader starting here
-    /// sees only what is committed from now on.
-    pub fn device_change_head(&self) -> Result<i64> {
+    /// The newest change number committed so far (0 before the first). Only the tests need it:
+    /// the rollouts keep their cursor and start from 0.
+    #[cfg(test)]
+    pub(crate) fn device_change_head(&self) -> Result<i64> {
         lock(self.conn())
             .query_one(
                 "SELECT version FROM device_change_version WHERE id = 1",
