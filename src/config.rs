@@ -220,6 +220,9 @@ pub struct IngestConfig {
     /// `$share/...` subscription of an external broker): each batch is applied under the
     /// store's exclusive section with state read fresh. Needs `journal = false`.
     pub shared_store: bool,
+    /// Stall watchdog: a broker connection that delivers nothing, not even ingest's own probe,
+    /// for this long while ingest owes it no acknowledgement is reconnected (seconds; 0 = off).
+    pub stall_timeout_secs: u64,
 }
 
 impl Default for IngestConfig {
@@ -234,6 +237,7 @@ impl Default for IngestConfig {
             journal: true,
             checkpoint_ms: 1000,
             shared_store: false,
+            stall_timeout_secs: 60,
         }
     }
 }
@@ -495,6 +499,13 @@ impl Config {
         }
         if i.checkpoint_ms == 0 || i.checkpoint_ms > 3_600_000 {
             return Err("config [ingest]: checkpoint_ms must be 1..=3600000".into());
+        }
+        if i.stall_timeout_secs != 0 && !(4..=86_400).contains(&i.stall_timeout_secs) {
+            return Err(
+                "config [ingest]: stall_timeout_secs must be 0 (off) or 4..=86400 (longer than \
+                 the slowest commit you expect)"
+                    .into(),
+            );
         }
         if i.retention_days == 0 || i.retention_days > 36_500 {
             return Err("config [ingest]: retention_days must be 1..=36500".into());

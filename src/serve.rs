@@ -18,6 +18,7 @@ use tinyfleet_ingest::influx::InfluxEvents;
 use tinyfleet_ingest::metrics::Metrics;
 use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
 use tinyfleet_ingest::shell::{self, EventSink, ShellConfig};
+use tinyfleet_ingest::source::SourceConfig;
 use tinyfleet_monitor::{Monitor, Publish};
 use tinyfleet_sink_influx::InfluxSink;
 use tinyfleet_store::Store;
@@ -209,10 +210,15 @@ pub async fn serve_with(
     let (tx, rx) = mpsc::channel(config.ingest.max_batch.max(1000) * 2);
     let client_template = client.clone();
     let source = tokio::spawn(tinyfleet_ingest::source::run(
-        client,
-        share_group,
-        config.ingest.connections,
+        SourceConfig {
+            client,
+            share_group,
+            connections: config.ingest.connections,
+            stall_timeout: (config.ingest.stall_timeout_secs > 0)
+                .then(|| std::time::Duration::from_secs(config.ingest.stall_timeout_secs)),
+        },
         tx,
+        metrics.clone(),
         ingest_subscribed.clone(),
         shutdown_rx.clone(),
     ));

@@ -152,6 +152,23 @@ fn replica_config(
     )
 }
 
+/// One `serve` (role `all`) against the broker, keeping its password file; `ingest` is added to
+/// the `[ingest]` section.
+fn single_server_config(data: &Path, mosquitto: &Mosquitto, ingest: &str) -> String {
+    format!(
+        "data_dir = {data:?}\n\
+         [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n\
+         username = \"{SERVICE_USER}\"\npassword = \"{SERVICE_PASSWORD}\"\n\
+         password_file = {passwd:?}\nreload_command = [\"kill\", \"-HUP\", \"{pid}\"]\n\
+         [ingest]\nflush_ms = 20\n{ingest}\n\
+         [api]\nlisten = \"127.0.0.1:0\"\n\
+         [[api.tokens]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\nrole = \"operator\"\n",
+        port = mosquitto.services.port(),
+        passwd = mosquitto.dir.join("passwd"),
+        pid = mosquitto.child.id(),
+    )
+}
+
 /// Where two replicas keep their state: one SQLite data directory, or PostgreSQL with a data
 /// directory each ([`Replicas::second_data_dir`]); `store` is the
 /// `[store]` section, `reload` the `[mqtt]` lines that keep Mosquitto's password file.
@@ -708,18 +725,7 @@ fn kill_9_of_the_server_and_a_broker_restart_lose_no_acknowledged_summary() {
     };
     let data = dir.path().join("data");
     std::fs::create_dir(&data).expect("data dir");
-    let config = format!(
-        "data_dir = {data:?}\n\
-         [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n\
-         username = \"{SERVICE_USER}\"\npassword = \"{SERVICE_PASSWORD}\"\n\
-         password_file = {passwd:?}\nreload_command = [\"kill\", \"-HUP\", \"{pid}\"]\n\
-         [ingest]\nflush_ms = 20\n\
-         [api]\nlisten = \"127.0.0.1:0\"\n\
-         [[api.tokens]]\nname = \"ops\"\ntoken = \"{TOKEN}\"\nrole = \"operator\"\n",
-        port = mosquitto.services.port(),
-        passwd = dir.path().join("passwd"),
-        pid = mosquitto.child.id(),
-    );
+    let config = single_server_config(&data, &mosquitto, "");
     let config_path = dir.path().join("serve.toml");
     let server = Server::start_config(&data, &config_path, &config);
     let devices: Vec<SimDevice> = (0..4)
@@ -789,6 +795,46 @@ fn kill_9_of_the_server_and_a_broker_restart_lose_no_acknowledged_summary() {
         );
     }
     eprintln!("{} summaries acknowledged, all counted once", total());
+    server.stop();
+}
+
+/// Ingest's stall watchdog through Mosquitto: its probes on `tf/probe/{client id}` pass the
+/// generated ACL and come back, so an idle, healthy connection is never taken for a stalled one.
+/// A new probe goes out only once the previous one returned (or was declared lost, which counts
+/// a stall): three probes seen and no stall counted means they made the round trip.
+#[test]
+fn ingest_stall_probes_make_the_round_trip_through_mosquitto() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(mosquitto) = Mosquitto::start(dir.path()) else {
+        return;
+    };
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let config = single_server_config(&data, &mosquitto, "stall_timeout_secs = 4");
+    let server = Server::start_config(&data, &dir.path().join("serve.toml"), &config);
+    let (_watcher, events) = subscriber(
+        mosquitto.services,
+        "probe-watcher",
+        SERVICE_USER,
+        SERVICE_PASSWORD,
+        &["tf/probe/#".to_owned()],
+    );
+    let mut probes = std::collections::BTreeSet::new();
+    wait_for("three probes", Duration::from_secs(30), || {
+        while let Ok(event) = events.try_recv() {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                assert!(p.topic.starts_with("tf/probe/"), "{}", p.topic);
+                if !p.payload.is_empty() {
+                    probes.insert(p.payload.to_vec());
+                }
+            }
+        }
+        (probes.len() >= 3).then_some(())
+    });
+    assert_eq!(
+        metric(&server.api, "tinyfleet_ingest_broker_stalls_total"),
+        0
+    );
     server.stop();
 }
 

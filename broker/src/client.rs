@@ -318,6 +318,17 @@ impl Connection {
         }
     }
 
+    /// Drops the network connection now; the next [`Connection::next`] connects again (at once,
+    /// without backoff) and, with a persistent session, the broker re-sends what this client
+    /// has not acknowledged. For a connection that is up but gets nothing delivered (see
+    /// `tinyfleet_ingest::source`'s watchdog). Acknowledgements of messages received so far
+    /// become [`AckOutcome::Stale`]; the broker delivers those messages again.
+    pub fn reconnect(&mut self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.eventloop.clean();
+        self.retry_at = None;
+    }
+
     /// Connection attempts that failed since the last CONNACK.
     pub fn consecutive_failures(&self) -> u32 {
         self.attempt
@@ -481,6 +492,14 @@ impl Acker {
         AckToken {
             slot: Some((epoch, seq)),
         }
+    }
+
+    /// Messages of the current connection registered with [`Acker::token`] whose PUBACK has not
+    /// been handed to the client yet (the broker counts them against its in-flight window).
+    pub fn outstanding(&self) -> usize {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.sync(self.epoch.load(Ordering::SeqCst));
+        queue.waiting.len()
     }
 
     /// Acknowledges the message of `token`, now or once the earlier ones are. Waits only when

@@ -23,6 +23,7 @@ use tinyfleet_ingest::auth::{FleetAuth, SERVICE_USER};
 use tinyfleet_ingest::metrics::Metrics;
 use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
 use tinyfleet_ingest::shell::{self, ShellConfig};
+use tinyfleet_ingest::source::SourceConfig;
 use tinyfleet_store::Store;
 use tokio::sync::{mpsc, watch};
 
@@ -271,10 +272,12 @@ async fn main() {
         ..ClientConfig::default()
     };
     tokio::spawn(tinyfleet_ingest::source::run(
-        client,
-        None,
-        connections,
+        SourceConfig {
+            connections,
+            ..SourceConfig::new(client)
+        },
         tx,
+        metrics.clone(),
         Arc::new(std::sync::atomic::AtomicBool::new(false)),
         shutdown_rx.clone(),
     ));

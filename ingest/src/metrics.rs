@@ -56,6 +56,9 @@ pub struct Metrics {
     /// Points waiting for the time-series store (0 when none is configured).
     pub sink_backlog: AtomicU64,
     pub sink_dropped: AtomicU64,
+    /// Times a broker connection delivered nothing, not even ingest's own probe, and was
+    /// reconnected (see `source`).
+    pub broker_stalls: AtomicU64,
     /// The time-series sink itself, read when rendering: the backlog drains while ingest is
     /// idle, so the values above (stored with the last batch) would go stale.
     sink: std::sync::OnceLock<tinyfleet_sink_influx::StatsReader>,
@@ -130,6 +133,10 @@ impl Metrics {
             "lost_summaries".to_owned(),
             self.lost_summaries.load(Ordering::Relaxed),
         ));
+        out.push((
+            "broker_stalls".to_owned(),
+            self.broker_stalls.load(Ordering::Relaxed) as i64,
+        ));
         out
     }
 
@@ -146,6 +153,8 @@ impl Metrics {
         }
         self.lost_summaries
             .store(get("lost_summaries"), Ordering::Relaxed);
+        self.broker_stalls
+            .store(get("broker_stalls") as u64, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of every ingest metric.
@@ -188,7 +197,7 @@ impl Metrics {
                 load(&self.sink_dropped) as i64,
             ),
         };
-        let gauges: [(&str, &str, &str, i64); 6] = [
+        let gauges: [(&str, &str, &str, i64); 7] = [
             (
                 "tinyfleet_ingest_lost_summaries_total",
                 "counter",
@@ -224,6 +233,12 @@ impl Metrics {
                 "counter",
                 "Points dropped because the time-series store queue was full.",
                 sink_dropped,
+            ),
+            (
+                "tinyfleet_ingest_broker_stalls_total",
+                "counter",
+                "Broker connections that delivered nothing, not even ingest's own probe, and were reconnected.",
+                load(&self.broker_stalls) as i64,
             ),
         ];
         for (name, kind, help, value) in gauges {

@@ -11,19 +11,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tinyfleet_broker::EmbeddedBroker;
 use tinyfleet_broker::client::ClientConfig;
-use tinyfleet_broker::{BrokerConfig, EmbeddedBroker};
 use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
 use tinyfleet_device::wire::{DeviceId, Kind, Topic};
 use tinyfleet_device::{DeviceKey, ReferenceMonitor};
-use tinyfleet_ingest::auth::{FleetAuth, SERVICE_USER};
+use tinyfleet_ingest::auth::SERVICE_USER;
 use tinyfleet_ingest::metrics::Metrics;
 use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
 use tinyfleet_ingest::shell::{self, ShellConfig};
+use tinyfleet_ingest::source::SourceConfig;
 use tinyfleet_store::Store;
 use tokio::sync::{mpsc, watch};
 
-const SERVICE_PASSWORD: &str = "test-service-password";
+mod support;
+
+use support::SERVICE_PASSWORD;
 
 struct Ingest {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -36,7 +39,7 @@ fn start_ingest(
     journal: Option<&std::path::Path>,
 ) -> Ingest {
     let metrics = Arc::new(Metrics::default());
-    let pipeline = Pipeline::new(PipelineConfig::default(), store.clone(), metrics);
+    let pipeline = Pipeline::new(PipelineConfig::default(), store.clone(), metrics.clone());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (tx, rx) = mpsc::channel(100);
     let client = ClientConfig {
@@ -48,10 +51,9 @@ fn start_ingest(
         ..ClientConfig::default()
     };
     let source = tokio::spawn(tinyfleet_ingest::source::run(
-        client,
-        None,
-        1,
+        SourceConfig::new(client),
         tx,
+        metrics.clone(),
         Arc::new(std::sync::atomic::AtomicBool::new(false)),
         shutdown_rx.clone(),
     ));
@@ -187,19 +189,7 @@ async fn crash_and_restart(journaling: bool) {
     let journal_path = dir.path().join("ingest.journal");
     let journal = journaling.then_some(journal_path.as_path());
     let store = Store::open(dir.path()).unwrap();
-    let broker_config = BrokerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..BrokerConfig::default()
-    };
-    let auth = Arc::new(FleetAuth {
-        registry: store.registry().clone(),
-        service_password: SERVICE_PASSWORD.into(),
-        devices_allowed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-    });
-    let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&broker_config, auth))
-        .await
-        .unwrap()
-        .unwrap();
+    let broker = support::start_broker(&store).await;
     let ids = ["dev-1", "dev-2", "dev-3"];
     let mut devices = Vec::new();
     for id in ids {
