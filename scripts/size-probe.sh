@@ -243,7 +243,7 @@ ota_ram_verdict="$(verdict "$ota_state_ram" "$OTA_RAM_BUDGET")"
 echo
 echo "## Monitoring + OTA installer (\`size-probe-ota\`)"
 echo
-echo "The same device with the installer: offer verification (Ed25519 \`verify_strict\`, SHA-512," \
+echo "The same device with the installer: offer verification (Ed25519 with \`verify_strict\`'s rules, SHA-512," \
   "manifest decoding), MQTT block decoding, the \`TFP1\` patcher with LZ4 (\`safe-decode\`)," \
   "SHA-256 of objects and slots, the progress and boot-state logs, the bootloader's slot" \
   "decision, progress reports and block requests. The flash driver is a stand-in."

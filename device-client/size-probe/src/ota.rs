@@ -1,12 +1,12 @@
 //! Size probe of a whole device: the monitoring side of `main.rs` plus the OTA installer.
 //!
 //! After each window the probe handles one received message (an offer or an MQTT block, from
-//! opaque bytes), drives the installer one step (verify an offer with Ed25519 `verify_strict`,
-//! apply image bytes or a `TFP1` patch with LZ4, hash, read back, switch, self-test with golden
-//! vectors, confirm) and seals the progress report and block request it produces. The bootloader
-//! decision ([`boot::boot`]) is linked too, as a device that keeps its boot flags in the same
-//! flash would. The flash driver is a stand-in the optimizer cannot see through; a real HAL's
-//! NOR driver adds its own few hundred bytes.
+//! opaque bytes), drives the installer one step (verify an offer: Ed25519 with
+//! `verify_strict`'s rules, `ota::ed25519`; apply image bytes or a `TFP1` patch with LZ4, hash,
+//! read back, switch, self-test with golden vectors, confirm) and seals the progress report and
+//! block request it produces. The bootloader decision ([`boot::boot`]) is linked too, as a
+//! device that keeps its boot flags in the same flash would. The flash driver is a stand-in the
+//! optimizer cannot see through; a real HAL's NOR driver adds its own few hundred bytes.
 #![no_std]
 #![no_main]
 

@@ -17,8 +17,8 @@
 //!
 //! This is also exactly what standard libraries write for those headers (`coset` is tested),
 //! and they verify it. The signature covers `Sig_structure = ["Signature1", protected, h'',
-//! payload]` ([`to_be_signed`]), checked with `verify_strict` (no malleable or small-order
-//! signatures).
+//! payload]` ([`to_be_signed`]), checked with ed25519-dalek's `verify_strict` rules (no malleable
+//! or small-order signatures), implemented in [`super::ed25519`] with a smaller stack.
 //!
 //! The manifest ([`Manifest`]) is CBOR in the packed form of [`crate::wire`]: a map whose keys
 //! are the field positions. The service encodes it with serde_cbor ([`sign_offer`], `std`); the
@@ -351,6 +351,28 @@ pub fn to_be_signed(protected: &[u8], payload: &[u8], out: &mut [u8]) -> Result<
     Ok(at)
 }
 
+/// Ed25519 with `verify_strict`'s rules ([`super::ed25519`]): a trusted key that is not a curve
+/// point is treated as unknown, every other failure is a bad signature.
+fn check_signature(
+    key: &TrustedKey<'_>,
+    signed: &[u8],
+    signature: &[u8; SIGNATURE_LEN],
+) -> Result<(), OfferError> {
+    super::ed25519::verify_strict(&key.public, signed, signature).map_err(|e| match e {
+        super::ed25519::Error::Key => OfferError::UnknownKey,
+        super::ed25519::Error::Signature => OfferError::BadSignature,
+    })
+}
+
+/// Decodes and checks the manifest of an offer whose signature verified. Not inlined, so that
+/// its temporaries stay out of the frames above the signature check.
+#[inline(never)]
+fn decode_checked(payload: &[u8]) -> Result<Manifest<'_>, OfferError> {
+    let manifest = Manifest::decode(payload)?;
+    manifest.check()?;
+    Ok(manifest)
+}
+
 /// Verifies an offer against the trusted keys (selected by key id) and decodes its manifest.
 ///
 /// `scratch` receives the signed bytes (`payload.len() + TBS_OVERHEAD + protected` bytes;
@@ -360,21 +382,25 @@ pub fn verify_offer<'a>(
     trusted: &[TrustedKey<'_>],
     scratch: &mut [u8],
 ) -> Result<Manifest<'a>, OfferError> {
+    decode_checked(signed_payload(bytes, trusted, scratch)?)
+}
+
+/// The signature check of [`verify_offer`]; returns the payload. Not inlined, like
+/// [`signed_payload_in_place`].
+#[inline(never)]
+fn signed_payload<'a>(
+    bytes: &'a [u8],
+    trusted: &[TrustedKey<'_>],
+    scratch: &mut [u8],
+) -> Result<&'a [u8], OfferError> {
     let offer = parse_offer(bytes)?;
     let key = trusted
         .iter()
         .find(|k| k.kid == offer.kid)
         .ok_or(OfferError::UnknownKey)?;
     let n = to_be_signed(offer.protected, offer.payload, scratch)?;
-    let public =
-        ed25519_dalek::VerifyingKey::from_bytes(&key.public).map_err(|_| OfferError::UnknownKey)?;
-    let signature = ed25519_dalek::Signature::from_bytes(offer.signature);
-    public
-        .verify_strict(&scratch[..n], &signature)
-        .map_err(|_| OfferError::BadSignature)?;
-    let manifest = Manifest::decode(offer.payload)?;
-    manifest.check()?;
-    Ok(manifest)
+    check_signature(key, &scratch[..n], offer.signature)?;
+    Ok(offer.payload)
 }
 
 /// [`verify_offer`] without a scratch buffer: the signed bytes are built over the offer itself
@@ -385,6 +411,20 @@ pub fn verify_offer_in_place<'a>(
     buf: &'a mut [u8],
     trusted: &[TrustedKey<'_>],
 ) -> Result<Manifest<'a>, OfferError> {
+    let payload = signed_payload_in_place(buf, trusted)?;
+    decode_checked(buf.get(payload).ok_or(OfferError::Malformed)?)
+}
+
+/// The signature check of [`verify_offer_in_place`]; returns where the payload is now.
+///
+/// Not inlined: the signature check is the device's deepest stack (~3.5 KB below this), and
+/// the manifest's decoding temporaries (several copies of a ~250-byte `Manifest`) must not sit
+/// in the frames above it (`docs/benchmarks.md`, "With the OTA installer").
+#[inline(never)]
+fn signed_payload_in_place(
+    buf: &mut [u8],
+    trusted: &[TrustedKey<'_>],
+) -> Result<core::ops::Range<usize>, OfferError> {
     let (key, signature, protected, payload) = {
         let offer = parse_offer(buf)?;
         let key = *trusted
@@ -423,17 +463,8 @@ pub fn verify_offer_in_place<'a>(
     }
     buf[..n - 1].copy_from_slice(&head[..n - 1]);
     buf[n - 1..prefix].copy_from_slice(&hdr[..h]);
-    let public =
-        ed25519_dalek::VerifyingKey::from_bytes(&key.public).map_err(|_| OfferError::UnknownKey)?;
-    public
-        .verify_strict(
-            &buf[..end],
-            &ed25519_dalek::Signature::from_bytes(&signature),
-        )
-        .map_err(|_| OfferError::BadSignature)?;
-    let manifest = Manifest::decode(&buf[prefix..end])?;
-    manifest.check()?;
-    Ok(manifest)
+    check_signature(&key, &buf[..end], &signature)?;
+    Ok(prefix..end)
 }
 
 /// Encodes a manifest as packed CBOR into `buf` (no allocation); returns its length.
