@@ -32,9 +32,7 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rumqttc::{
-    AsyncClient, ClientError, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
-};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 
 use crate::config::{BrokerError, DEFAULT_MAX_PAYLOAD, PUBLISH_HEADER_ALLOWANCE};
 
@@ -342,7 +340,6 @@ impl Connection {
             manual: self.eventloop.mqtt_options.manual_acks(),
             epoch: Arc::clone(&self.epoch),
             queue: Arc::new(Mutex::new(AckQueue::default())),
-            send: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -403,6 +400,13 @@ impl Connection {
 /// before polling `next` again; call [`Acker::ack`] when the message is safely processed. With
 /// `manual_acks` off, rumqttc acknowledges on receipt and `Acker` does nothing.
 ///
+/// [`Acker::ack`] never waits. rumqttc's request channel is bounded and only the task polling
+/// [`Connection::next`] drains it; if that task is itself waiting for the consumer (a full
+/// channel to the pipeline) while the consumer waited for room to acknowledge, neither would
+/// move again, and the broker would close the silent connection. PUBACKs that find the channel
+/// full wait in an outbox instead, in order; the polling task calls [`Acker::flush`] after every
+/// event to hand them over as room appears.
+///
 /// A PUBACK handed to rumqttc in the microseconds between a connection failing and
 /// [`Connection::next`] returning can still be sent on the next connection; rumqttd then sees it
 /// out of order and closes that connection once more.
@@ -412,8 +416,6 @@ pub struct Acker {
     manual: bool,
     epoch: Arc<AtomicU64>,
     queue: Arc<Mutex<AckQueue>>,
-    /// Serialises sending so that concurrent [`Acker::ack`] calls keep the order.
-    send: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl fmt::Debug for Acker {
@@ -431,6 +433,9 @@ struct AckQueue {
     next_seq: u64,
     /// Messages of the current connection awaiting their PUBACK, in receive order.
     waiting: VecDeque<Waiting>,
+    /// Released PUBACKs (packet id, QoS) the client's request channel had no room for yet, in
+    /// order.
+    outbox: VecDeque<(u16, QoS)>,
 }
 
 struct Waiting {
@@ -446,6 +451,7 @@ impl AckQueue {
         if self.epoch != epoch {
             self.epoch = epoch;
             self.waiting.clear();
+            self.outbox.clear();
         }
     }
 }
@@ -461,7 +467,8 @@ pub struct AckToken {
 /// What [`Acker::ack`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckOutcome {
-    /// The PUBACK was handed to the client, with those of earlier messages it waited for.
+    /// The PUBACK was released, with those of earlier messages it waited for: handed to the
+    /// client, or queued behind PUBACKs the client has no room for yet ([`Acker::flush`]).
     Sent,
     /// Recorded; the PUBACK goes out once every earlier message is acknowledged.
     Deferred,
@@ -499,43 +506,56 @@ impl Acker {
     pub fn outstanding(&self) -> usize {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         queue.sync(self.epoch.load(Ordering::SeqCst));
-        queue.waiting.len()
+        queue.waiting.len() + queue.outbox.len()
     }
 
-    /// Acknowledges the message of `token`, now or once the earlier ones are. Waits only when
-    /// the client's request channel is full. Errors only when the event loop is gone.
-    pub async fn ack(&self, token: AckToken) -> Result<AckOutcome, ClientError> {
+    /// Acknowledges the message of `token`, now or once the earlier ones are. Never waits (see
+    /// [`Acker`]).
+    pub fn ack(&self, token: AckToken) -> AckOutcome {
         let Some((epoch, seq)) = token.slot else {
-            return Ok(AckOutcome::NotNeeded);
+            return AckOutcome::NotNeeded;
         };
-        let _sending = self.send.lock().await;
-        let ready: Vec<Publish> = {
-            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            queue.sync(self.epoch.load(Ordering::SeqCst));
-            if epoch != queue.epoch {
-                return Ok(AckOutcome::Stale);
-            }
-            match queue.waiting.iter_mut().find(|w| w.seq == seq) {
-                Some(waiting) => waiting.done = true,
-                None => return Ok(AckOutcome::Stale),
-            }
-            let mut ready = Vec::new();
-            while queue.waiting.front().is_some_and(|w| w.done) {
-                if let Some(w) = queue.waiting.pop_front() {
-                    let mut publish = Publish::new(String::new(), w.qos, Vec::new());
-                    publish.pkid = w.pkid;
-                    ready.push(publish);
-                }
-            }
-            ready
-        };
-        if ready.is_empty() {
-            return Ok(AckOutcome::Deferred);
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.sync(self.epoch.load(Ordering::SeqCst));
+        if epoch != queue.epoch {
+            return AckOutcome::Stale;
         }
-        for publish in &ready {
-            self.client.ack(publish).await?;
+        match queue.waiting.iter_mut().find(|w| w.seq == seq) {
+            Some(waiting) => waiting.done = true,
+            None => return AckOutcome::Stale,
         }
-        Ok(AckOutcome::Sent)
+        let mut released = false;
+        while queue.waiting.front().is_some_and(|w| w.done) {
+            if let Some(w) = queue.waiting.pop_front() {
+                queue.outbox.push_back((w.pkid, w.qos));
+                released = true;
+            }
+        }
+        if !released {
+            return AckOutcome::Deferred;
+        }
+        self.drain(&mut queue);
+        AckOutcome::Sent
+    }
+
+    /// Hands queued PUBACKs to the client while its request channel has room. The task polling
+    /// [`Connection::next`] calls it after every event.
+    pub fn flush(&self) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.sync(self.epoch.load(Ordering::SeqCst));
+        self.drain(&mut queue);
+    }
+
+    fn drain(&self, queue: &mut AckQueue) {
+        while let Some(&(pkid, qos)) = queue.outbox.front() {
+            let mut publish = Publish::new(String::new(), qos, Vec::new());
+            publish.pkid = pkid;
+            // Full (or the event loop is gone): the rest waits for the next flush.
+            if self.client.try_ack(&publish).is_err() {
+                break;
+            }
+            queue.outbox.pop_front();
+        }
     }
 }
 
@@ -689,7 +709,7 @@ mod tests {
         let (client, connection) = connect(&ClientConfig::default());
         let automatic = connection.acker(&client);
         let token = automatic.token(&publish(QoS::AtLeastOnce));
-        assert_eq!(automatic.ack(token).await.unwrap(), AckOutcome::NotNeeded);
+        assert_eq!(automatic.ack(token), AckOutcome::NotNeeded);
 
         let manual = ClientConfig {
             manual_acks: true,
@@ -698,12 +718,44 @@ mod tests {
         let (client, connection) = connect(&manual);
         let acker = connection.acker(&client);
         let token = acker.token(&publish(QoS::AtMostOnce));
-        assert_eq!(acker.ack(token).await.unwrap(), AckOutcome::NotNeeded);
+        assert_eq!(acker.ack(token), AckOutcome::NotNeeded);
         // Out of order within one connection: held back until the first is acknowledged.
         let first = acker.token(&publish(QoS::AtLeastOnce));
         let second = acker.token(&publish(QoS::AtLeastOnce));
-        assert_eq!(acker.ack(second).await.unwrap(), AckOutcome::Deferred);
-        assert_eq!(acker.ack(first).await.unwrap(), AckOutcome::Sent);
+        assert_eq!(acker.ack(second), AckOutcome::Deferred);
+        assert_eq!(acker.ack(first), AckOutcome::Sent);
+    }
+
+    /// More acknowledgements than rumqttc's request channel holds, while nothing polls the event
+    /// loop (its task is busy handing a message to a full consumer): `ack` must not wait, or
+    /// the two would wait for each other for good (the order they go out in is tested against
+    /// rumqttd in `tests/broker.rs`).
+    #[tokio::test]
+    async fn acks_never_wait_for_the_event_loop() {
+        let config = ClientConfig {
+            manual_acks: true,
+            ..ClientConfig::default()
+        };
+        let (client, mut connection) = connect(&config);
+        let acker = connection.acker(&client);
+        let n = 3 * usize::from(config.inflight);
+        let tokens: Vec<AckToken> = (1..=n as u16)
+            .map(|pkid| {
+                let mut p = Publish::new("tf/v1/d/sum", QoS::AtLeastOnce, vec![1]);
+                p.pkid = pkid;
+                acker.token(&p)
+            })
+            .collect();
+        for token in tokens {
+            assert_eq!(acker.ack(token), AckOutcome::Sent);
+        }
+        // The channel took 100; the rest waits in the outbox, still owed to the broker.
+        assert_eq!(acker.outstanding(), n - usize::from(config.inflight));
+        acker.flush();
+        assert_eq!(acker.outstanding(), n - usize::from(config.inflight));
+        // A new connection: the broker re-sends those messages, their PUBACKs are dropped.
+        connection.reconnect();
+        assert_eq!(acker.outstanding(), 0);
     }
 
     #[tokio::test]

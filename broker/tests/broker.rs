@@ -483,9 +483,9 @@ async fn acker_sends_acks_in_receive_order() {
         tokens.push(Some(acker.token(&message)));
     }
     let mut take = |i: usize| tokens[i].take().unwrap();
-    assert_eq!(acker.ack(take(2)).await.unwrap(), AckOutcome::Deferred);
-    assert_eq!(acker.ack(take(0)).await.unwrap(), AckOutcome::Sent);
-    assert_eq!(acker.ack(take(1)).await.unwrap(), AckOutcome::Sent);
+    assert_eq!(acker.ack(take(2)), AckOutcome::Deferred);
+    assert_eq!(acker.ack(take(0)), AckOutcome::Sent);
+    assert_eq!(acker.ack(take(1)), AckOutcome::Sent);
     // 0, 1 and 2 are acknowledged; 3 is not.
     for _ in 0..3 {
         ingest
@@ -511,6 +511,83 @@ async fn acker_sends_acks_in_receive_order() {
         redelivered.push(message.payload[0]);
     }
     assert_eq!(redelivered, vec![3]);
+}
+
+/// More acknowledgements than rumqttc's request channel holds, all released while nothing
+/// polls the event loop (in ingest: its task waits for room in the pipeline's channel): `ack`
+/// returns at once, the PUBACKs beyond the channel wait in the `Acker`'s outbox, and
+/// `flush` after each event hands them over in receive order (rumqttd disconnects a client
+/// whose PUBACKs come out of order).
+#[tokio::test]
+async fn acks_beyond_the_request_channel_wait_and_go_out_in_order() {
+    let broker = start();
+    let ingest_config = ClientConfig {
+        clean_session: false,
+        manual_acks: true,
+        // A request channel of 10 (rumqttc's least).
+        inflight: 1,
+        ..client_config(&broker, "ingest-outbox", "ingest", "ingest-pw")
+    };
+    let (client, mut connection) = connect(&ingest_config);
+    let acker = connection.acker(&client);
+    let next = async |connection: &mut Connection| {
+        timeout(WAIT, connection.next()).await.expect("an event")
+    };
+    loop {
+        if let ClientEvent::Connected { .. } = next(&mut connection).await {
+            break;
+        }
+    }
+    client
+        .subscribe("tf/v1/+/sum", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let ClientEvent::Other(Event::Incoming(Packet::SubAck(_))) = next(&mut connection).await
+        {
+            break;
+        }
+    }
+    let mut device = drive(&client_config(&broker, "dev1", "dev1", "dev1-pw"));
+    device.connected().await;
+    let n = 40u8;
+    for i in 0..n {
+        device.publish_acked("tf/v1/dev1/sum", vec![i]).await;
+    }
+    let mut received = Vec::new();
+    let mut tokens = Vec::new();
+    while received.len() < usize::from(n) {
+        if let ClientEvent::Message(p) = next(&mut connection).await {
+            tokens.push(acker.token(&p));
+            received.push(p.pkid);
+        }
+    }
+    // Nothing polls now; every acknowledgement is released at once, none waits.
+    for token in tokens {
+        assert_eq!(acker.ack(token), AckOutcome::Sent);
+    }
+    assert!(
+        acker.outstanding() >= usize::from(n) - 10,
+        "the outbox holds the rest"
+    );
+    let mut sent = Vec::new();
+    while sent.len() < received.len() {
+        match next(&mut connection).await {
+            ClientEvent::Other(Event::Outgoing(Outgoing::PubAck(pkid))) => sent.push(pkid),
+            ClientEvent::Connected { .. } => panic!("the broker dropped the connection"),
+            _ => {}
+        }
+        acker.flush();
+    }
+    assert_eq!(sent, received);
+    assert_eq!(acker.outstanding(), 0);
+    // Acknowledged for good: a new session of the same client gets nothing again.
+    drop(connection);
+    let mut ingest = drive(&ingest_config);
+    assert!(ingest.connected().await);
+    device.publish_acked("tf/v1/dev1/sum", vec![99]).await;
+    let message = ingest.message().await;
+    assert_eq!(message.payload[0], 99, "nothing acknowledged came back");
 }
 
 /// An acknowledgement for a message of a connection that has since ended is not sent; the
@@ -543,14 +620,11 @@ async fn acker_drops_acks_from_before_a_reconnect() {
         .await
         .unwrap();
     assert!(ingest.connected().await, "the session resumes");
-    assert_eq!(acker.ack(old_token).await.unwrap(), AckOutcome::Stale);
+    assert_eq!(acker.ack(old_token), AckOutcome::Stale);
 
     let again = ingest.message().await;
     assert_eq!(again.payload[0], 0);
-    assert_eq!(
-        acker.ack(acker.token(&again)).await.unwrap(),
-        AckOutcome::Sent
-    );
+    assert_eq!(acker.ack(acker.token(&again)), AckOutcome::Sent);
     ingest
         .wait_for("outgoing PUBACK", |e| match e {
             ClientEvent::Connected { .. } => panic!("the broker dropped the connection"),

@@ -177,7 +177,7 @@ pub async fn run(
                         let acks = std::mem::take(&mut acks);
                         Flush::start(j, encoded, acks).complete(j, &metrics).await;
                     }
-                    send_acks(&mut acks, &metrics).await;
+                    send_acks(&mut acks, &metrics);
                     last_checkpoint = Instant::now();
                     checkpoint(&mut pipeline, j, &sinks).await;
                 } else if flushing.is_none() && !encoded.is_empty() {
@@ -261,7 +261,7 @@ async fn run_shared(
                     return;
                 }
             };
-            send_acks(&mut acks, &metrics).await;
+            send_acks(&mut acks, &metrics);
             for sink in &sinks {
                 sink.publish(&events);
             }
@@ -381,7 +381,7 @@ impl Flush {
     ) -> Option<Self> {
         match result {
             Ok(Ok(())) => {
-                send_acks(&mut self.acks, metrics).await;
+                send_acks(&mut self.acks, metrics);
                 return None;
             }
             Ok(Err(err)) => {
@@ -454,12 +454,12 @@ async fn checkpoint(
     }
 }
 
-/// Sends acknowledgements in receive order (see `Acker`).
-async fn send_acks(acks: &mut Vec<(Acker, AckToken)>, metrics: &Metrics) {
+/// Sends acknowledgements in receive order (see `Acker`). Never waits: a shell that waited here
+/// for the MQTT connection's request channel, while the connection's task waited for room in
+/// the shell's channel, would stop both for good (seen at 50,000 devices under disk load).
+fn send_acks(acks: &mut Vec<(Acker, AckToken)>, metrics: &Metrics) {
     for (acker, token) in acks.drain(..) {
-        if let Err(e) = acker.ack(token).await {
-            tracing::warn!(error = %e, "acknowledgement not sent; the broker will redeliver");
-        }
+        acker.ack(token);
     }
     metrics.pending.store(0, Ordering::Relaxed);
 }
@@ -528,7 +528,7 @@ async fn commit(
     }
     // In receive order; the acker holds back any that would overtake an earlier message and
     // drops those of a connection that has since ended (the broker redelivers them).
-    send_acks(acks, &metrics).await;
+    send_acks(acks, &metrics);
     pipeline.evict_old_windows(tinyfleet_store::now_ms());
     for sink in sinks {
         sink.publish(&events);

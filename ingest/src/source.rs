@@ -221,10 +221,7 @@ async fn run_one(
                     let token = acker.token(&publish);
                     if publish.topic == probe_topic {
                         observe(&|w, now| w.on_probe(&publish.payload, now));
-                        // Not from this task: `ack` may wait for the request channel, which
-                        // only this task drains.
-                        let acker = acker.clone();
-                        tokio::spawn(async move { acker.ack(token).await });
+                        acker.ack(token);
                     } else {
                         observe(&|w, now| w.on_delivery(now));
                         let incoming = Incoming {
@@ -250,6 +247,8 @@ async fn run_one(
             },
             _ = shutdown.changed() => break,
         }
+        // Acknowledgements the request channel had no room for (see `Acker`).
+        acker.flush();
         if stalled.swap(false, Ordering::SeqCst) {
             conn.reconnect();
         }
