@@ -32,9 +32,11 @@ export TF_REQUIRE_BROWSER=1
 export TF_REQUIRE_MOSQUITTO=1
 # Real servers the tests start: VictoriaMetrics speaks InfluxDB's /api/v2/write.
 scripts/ensure-victoria-metrics.sh
-# PostgreSQL for the store's second backend: a throwaway cluster on 127.0.0.1 (reused if running);
-# the store's tests fail instead of skipping its half when it is missing. (Assigned first, so a
-# failure of the script stops this one: `eval "$(...)"` alone would not.)
+# PostgreSQL for the store's second backend: a throwaway cluster on 127.0.0.1 (reused if running),
+# also serving TLS; the script prints TF_POSTGRES_URL and TF_POSTGRES_CA (its CA, for the TLS
+# tests), and the store's tests fail instead of skipping their PostgreSQL half when either is
+# missing. (Assigned first, so a failure of the script stops this one: `eval "$(...)"` alone
+# would not.)
 postgres_env="$(scripts/ensure-postgres.sh)"
 eval "$postgres_env"
 export TF_REQUIRE_POSTGRES=1

@@ -120,6 +120,49 @@ pub struct StoreConfig {
     /// PostgreSQL instead of the SQLite file (`postgres://user:password@host:port/db`), for
     /// several `serve` processes on one database. Never printed.
     pub postgres_url: Option<String>,
+    /// A PEM file of CA certificates trusted, besides the Mozilla roots, to sign the
+    /// PostgreSQL server's certificate. TLS itself is asked for by `sslmode=require` in
+    /// `postgres_url` (the certificate and host name are always verified); this needs it.
+    pub postgres_ca_file: Option<PathBuf>,
+}
+
+impl StoreConfig {
+    /// What the store needs besides the URL.
+    pub fn postgres_options(&self) -> tinyfleet_store::PostgresOptions {
+        tinyfleet_store::PostgresOptions {
+            ca_file: self.postgres_ca_file.clone(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let Some(url) = &self.postgres_url else {
+            return match &self.postgres_ca_file {
+                Some(_) => Err(
+                    "config [store]: postgres_ca_file without postgres_url (it is \
+                     for TLS to PostgreSQL; SQLite needs none)"
+                        .into(),
+                ),
+                None => Ok(()),
+            };
+        };
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(format!(
+                "config [store]: postgres_url must start with postgres:// (got {})",
+                tinyfleet_alerts::redact_url(url)
+            ));
+        }
+        // The URL's settings, and the CA file: readable, certificates, with sslmode=require.
+        tinyfleet_store::Store::check_postgres(url, &self.postgres_options()).map_err(|e| {
+            let msg = match e {
+                tinyfleet_store::StoreError::Postgres(m) => m,
+                other => other.to_string(),
+            };
+            format!(
+                "config [store]: {}",
+                msg.strip_prefix("[store] ").unwrap_or(&msg)
+            )
+        })
+    }
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -132,6 +175,7 @@ impl std::fmt::Debug for StoreConfig {
                     .as_deref()
                     .map(tinyfleet_alerts::redact_url),
             )
+            .field("postgres_ca_file", &self.postgres_ca_file)
             .finish()
     }
 }
@@ -533,14 +577,7 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(url) = &self.store.postgres_url
-            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
-        {
-            return Err(format!(
-                "config [store]: postgres_url must start with postgres:// (got {})",
-                tinyfleet_alerts::redact_url(url)
-            ));
-        }
+        self.store.validate()?;
         if let Some(m) = &self.mqtt
             && m.password_file.is_none()
             && !m.reload_command.is_empty()
@@ -1210,5 +1247,47 @@ severity = "critical"
             Config::load_with_env(Some(&dir.path().join("missing.toml")), Vec::new()).unwrap_err();
         assert!(err.contains("cannot read config"), "{err}");
         assert!(run_command(ConfigCommand::Check { file: path }).is_ok());
+    }
+
+    #[test]
+    fn a_bad_postgres_ca_file_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls_url = "postgres://tf:Sup3rS3cret@db.example.com/tinyfleet?sslmode=require";
+        let store = |url: &str, ca: &Path| {
+            format!(
+                "[store]\npostgres_url = \"{url}\"\npostgres_ca_file = \"{}\"\n",
+                ca.display()
+            )
+        };
+        let missing = dir.path().join("missing-ca.pem");
+        let err = parse_env(&store(tls_url, &missing), &[]).unwrap_err();
+        assert!(
+            err.starts_with("config [store]: postgres_ca_file")
+                && err.contains("missing-ca.pem")
+                && err.contains("cannot read it"),
+            "{err}"
+        );
+        assert!(!err.contains("Sup3rS3cret"), "{err}");
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let err = parse_env(&store(tls_url, &not_pem), &[]).unwrap_err();
+        assert!(err.contains("no certificate in it"), "{err}");
+        // A CA file without sslmode=require would be ignored; without a URL, pointless.
+        std::fs::write(&not_pem, include_str!("../store/testdata/other-ca.pem")).unwrap();
+        let plain = "postgres://tf:Sup3rS3cret@db.example.com/tinyfleet";
+        let err = parse_env(&store(plain, &not_pem), &[]).unwrap_err();
+        assert!(err.contains("sslmode=require"), "{err}");
+        assert!(!err.contains("Sup3rS3cret"), "{err}");
+        let err = parse_env(
+            &format!("[store]\npostgres_ca_file = \"{}\"\n", not_pem.display()),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("without postgres_url"), "{err}");
+        // A readable CA certificate with sslmode=require is fine, as is a plain URL alone.
+        let c = parse_env(&store(tls_url, &not_pem), &[]).unwrap();
+        assert_eq!(c.store.postgres_ca_file.as_deref(), Some(not_pem.as_path()));
+        assert!(!format!("{c:?}").contains("Sup3rS3cret"));
+        parse_env(&format!("[store]\npostgres_url = \"{plain}\"\n"), &[]).unwrap();
     }
 }

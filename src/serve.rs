@@ -98,8 +98,9 @@ pub async fn serve_with(
     let data_dir = config.data_dir.clone();
     let store = {
         let (dir, url) = (data_dir.clone(), config.store.postgres_url.clone());
+        let options = config.store.postgres_options();
         tokio::task::spawn_blocking(move || match url {
-            Some(url) => Store::open_postgres(&dir, &url),
+            Some(url) => Store::open_postgres_with(&dir, &url, &options),
             None => Store::open(&dir),
         })
         .await

@@ -13,13 +13,20 @@
 //! Every call to the client goes through [`off_runtime`], which makes such a call safe (at the
 //! cost of blocking that thread, exactly as SQLite does); callers still belong on blocking
 //! threads. Prepared statements are cached per connection, and a dropped connection is opened
-//! again on the next call outside a transaction.
+//! again on the next call outside a transaction. Every connection is made from one
+//! [`PgTarget`]: plain text, or TLS with the server verified when the URL says
+//! `sslmode=require`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{Result, StoreError};
 
@@ -438,10 +445,16 @@ fn percent_decode(s: &str) -> String {
 /// settings, with defaults for what the store needs (a connect timeout, an application name).
 pub(crate) fn pg_config(url: &str) -> Result<postgres::Config> {
     let mut config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
-        StoreError::Postgres(redact(
-            &format!("invalid PostgreSQL URL: {}", pg_message(&e)),
-            url,
-        ))
+        let mut msg = format!("invalid PostgreSQL URL: {}", pg_message(&e));
+        if url.contains("sslmode=verify") || url.contains("sslmode='verify") {
+            // libpq's verify-ca/verify-full: what `require` does here.
+            msg.push_str(
+                "; use sslmode=require: tinyfleet always verifies the server's certificate \
+                 and host name (as libpq's verify-full), against the Mozilla roots and \
+                 [store] postgres_ca_file",
+            );
+        }
+        StoreError::Postgres(redact(&msg, url))
     })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
@@ -478,6 +491,216 @@ pub(crate) fn describe(config: &postgres::Config) -> String {
     )
 }
 
+/// How to reach PostgreSQL beyond its URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// A PEM file of CA certificates trusted, besides the Mozilla roots, to sign the server's
+    /// certificate (`[store] postgres_ca_file`). Only with `sslmode=require` in the URL.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Where and how the store connects: the parsed settings and, when they say
+/// `sslmode=require`, the TLS connector (rustls) that verifies the server's certificate against
+/// the Mozilla roots plus the configured CA file, and its host name. `prefer` (the default) and
+/// `disable` connect in plain text: rustls always verifies, so trying TLS against a server with
+/// a self-signed certificate (Debian's default "snakeoil") would fail where plain text works.
+#[derive(Clone)]
+pub(crate) struct PgTarget {
+    pub(crate) config: postgres::Config,
+    tls: Option<MakeRustlsConnect>,
+    ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTarget")
+            .field("database", &describe(&self.config))
+            .field("tls", &self.tls.is_some())
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl PgTarget {
+    /// Parses `url` and prepares TLS as it asks; reads the CA file. Errors never show the
+    /// password.
+    pub(crate) fn new(url: &str, options: &PostgresOptions) -> Result<PgTarget> {
+        let config = pg_config(url)?;
+        let ca_file = options.ca_file.clone();
+        let tls = match config.get_ssl_mode() {
+            postgres::config::SslMode::Require => Some(tls_connector(ca_file.as_deref())?),
+            _ => {
+                if let Some(path) = &ca_file {
+                    return Err(StoreError::Postgres(format!(
+                        "[store] postgres_ca_file ({}) is set but postgres_url does not ask for \
+                         TLS: add sslmode=require to the URL (e.g. \
+                         postgres://user@host/db?sslmode=require); without it the connection \
+                         is plain text",
+                        path.display()
+                    )));
+                }
+                None
+            }
+        };
+        Ok(PgTarget {
+            config,
+            tls,
+            ca_file,
+        })
+    }
+
+    /// Whether connections use TLS.
+    pub(crate) fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    fn connect(&self) -> Result<postgres::Client> {
+        let config = &self.config;
+        let tls = self.tls.clone();
+        off_runtime(move || match tls {
+            Some(tls) => config.connect(tls),
+            None => config.connect(postgres::NoTls),
+        })
+        .map_err(|e| self.connect_error(&e))
+    }
+
+    fn connect_error(&self, e: &postgres::Error) -> StoreError {
+        let config = &self.config;
+        let mut msg = format!(
+            "cannot connect to {}{}: {}",
+            describe(config),
+            if self.tls() { " over TLS" } else { "" },
+            pg_message(e)
+        );
+        if self.tls()
+            && let Some(hint) = tls_hint(e, self.ca_file.as_deref())
+        {
+            msg.push_str("; ");
+            msg.push_str(&hint);
+        }
+        if let Some(pw) = config.get_password() {
+            let pw = String::from_utf8_lossy(pw);
+            if !pw.is_empty() {
+                msg = msg.replace(pw.as_ref(), "***");
+            }
+        }
+        StoreError::Postgres(msg)
+    }
+}
+
+/// Reads the PEM certificates of `path` (at least one), with errors that name the file and the
+/// `[store] postgres_ca_file` setting.
+pub(crate) fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let bad = |what: String| {
+        StoreError::Postgres(format!(
+            "[store] postgres_ca_file {}: {what}",
+            path.display()
+        ))
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let mut certs = Vec::new();
+    for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+        certs.push(cert.map_err(|e| bad(format!("certificate {} is not valid PEM: {e}", i + 1)))?);
+    }
+    if certs.is_empty() {
+        return Err(bad(
+            "no certificate in it (expected PEM: -----BEGIN CERTIFICATE-----)".into(),
+        ));
+    }
+    Ok(certs)
+}
+
+/// The rustls connector: TLS 1.2 or 1.3 (ring), the server verified against the Mozilla roots
+/// plus the certificates of `ca_file`, host names (or IP addresses) checked.
+fn tls_connector(ca_file: Option<&Path>) -> Result<MakeRustlsConnect> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        for (i, cert) in read_ca_file(path)?.into_iter().enumerate() {
+            roots.add(cert).map_err(|e| {
+                StoreError::Postgres(format!(
+                    "[store] postgres_ca_file {}: certificate {} cannot be a CA: {e}",
+                    path.display(),
+                    i + 1
+                ))
+            })?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Postgres(format!("TLS setup: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// What to do about a failed TLS connection, when the cause is known.
+fn tls_hint(e: &postgres::Error, ca_file: Option<&Path>) -> Option<String> {
+    use rustls::CertificateError as C;
+    let trusted = match ca_file {
+        Some(p) => format!("the Mozilla roots and {}", p.display()),
+        None => "the Mozilla roots only, as [store] postgres_ca_file is not set".to_owned(),
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        let tls = c.downcast_ref::<rustls::Error>().or_else(|| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(cert)) = tls {
+            return Some(match cert {
+                C::UnknownIssuer | C::BadSignature => format!(
+                    "the server's certificate is not signed by a trusted CA (trusting {trusted}): \
+                     set [store] postgres_ca_file to the PEM file of the CA that signed it"
+                ),
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    "the server's certificate does not name the host in postgres_url: connect \
+                     by a name (or IP address) the certificate lists in its subjectAltName, or \
+                     reissue the certificate for this one"
+                        .to_owned()
+                }
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => {
+                    "the server's certificate is expired or not yet valid: renew it, or check \
+                     this machine's clock"
+                        .to_owned()
+                }
+                // webpki's reason, not a rustls variant.
+                other if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+                    "the server presents a CA certificate (basicConstraints CA:TRUE) as its own: \
+                     give the server a certificate issued by that CA, or a self-signed one with \
+                     CA:FALSE"
+                        .to_owned()
+                }
+                _ => format!(
+                    "the server's certificate was refused (trusting {trusted}): check the \
+                     server's certificate and [store] postgres_ca_file"
+                ),
+            });
+        }
+        if tls.is_some() {
+            return Some(
+                "the TLS handshake failed: check the server's TLS settings (TLS 1.2 or newer)"
+                    .to_owned(),
+            );
+        }
+        cause = c.source();
+    }
+    pg_message(e)
+        .contains("server does not support TLS")
+        .then(|| {
+            "the server has TLS off: turn ssl on in its postgresql.conf, or drop sslmode=require \
+         from postgres_url to connect in plain text"
+                .to_owned()
+        })
+}
+
 /// `?N` placeholders to PostgreSQL's `$N` (outside quoted text).
 fn pg_placeholders(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
@@ -503,7 +726,7 @@ const MAX_CACHED_STATEMENTS: usize = 512;
 /// One PostgreSQL connection with its prepared statements.
 pub(crate) struct Pg {
     client: Option<postgres::Client>,
-    config: postgres::Config,
+    target: PgTarget,
     stmts: HashMap<String, postgres::Statement>,
     in_tx: bool,
 }
@@ -511,30 +734,19 @@ pub(crate) struct Pg {
 impl std::fmt::Debug for Pg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pg")
-            .field("database", &describe(&self.config))
+            .field("database", &describe(&self.target.config))
+            .field("tls", &self.target.tls())
             .field("in_tx", &self.in_tx)
             .finish_non_exhaustive()
     }
 }
 
-fn connect_error(e: &postgres::Error, config: &postgres::Config) -> StoreError {
-    let mut msg = format!("cannot connect to {}: {}", describe(config), pg_message(e));
-    if let Some(pw) = config.get_password() {
-        let pw = String::from_utf8_lossy(pw);
-        if !pw.is_empty() {
-            msg = msg.replace(pw.as_ref(), "***");
-        }
-    }
-    StoreError::Postgres(msg)
-}
-
 impl Pg {
-    pub fn connect(config: &postgres::Config) -> Result<Box<Pg>> {
-        let client = off_runtime(|| config.connect(postgres::NoTls))
-            .map_err(|e| connect_error(&e, config))?;
+    pub fn connect(target: &PgTarget) -> Result<Box<Pg>> {
+        let client = target.connect()?;
         Ok(Box::new(Pg {
             client: Some(client),
-            config: config.clone(),
+            target: target.clone(),
             stmts: HashMap::new(),
             in_tx: false,
         }))
@@ -554,10 +766,7 @@ impl Pg {
             if let Some(old) = self.client.take() {
                 off_runtime(move || drop(old));
             }
-            let config = &self.config;
-            let client = off_runtime(|| config.connect(postgres::NoTls))
-                .map_err(|e| connect_error(&e, config))?;
-            self.client = Some(client);
+            self.client = Some(self.target.connect()?);
         }
         self.client
             .as_mut()
@@ -979,13 +1188,18 @@ mod tests {
             !s.contains("Sup3rS3cret") && s.contains("invalid PostgreSQL URL"),
             "{s}"
         );
-        let mut config = pg_config("postgres://tf:Sup3rS3cret@127.0.0.1:1/db").unwrap();
-        config.connect_timeout(Duration::from_secs(2));
-        let e = Pg::connect(&config).unwrap_err();
-        let s = format!("{e} {e:?}");
-        assert!(!s.contains("Sup3rS3cret"), "{s}");
-        assert!(s.contains("postgres://tf@127.0.0.1:1/db"), "{s}");
-        assert!(!format!("{config:?}").contains("Sup3rS3cret"));
+        for url in [
+            "postgres://tf:Sup3rS3cret@127.0.0.1:1/db",
+            "postgres://tf:Sup3rS3cret@127.0.0.1:1/db?sslmode=require",
+        ] {
+            let mut target = PgTarget::new(url, &PostgresOptions::default()).unwrap();
+            target.config.connect_timeout(Duration::from_secs(2));
+            let e = Pg::connect(&target).unwrap_err();
+            let s = format!("{e} {e:?}");
+            assert!(!s.contains("Sup3rS3cret"), "{s}");
+            assert!(s.contains("postgres://tf@127.0.0.1:1/db"), "{s}");
+            assert!(!format!("{target:?}").contains("Sup3rS3cret"));
+        }
     }
 
     #[test]

@@ -38,8 +38,11 @@ mod state;
 mod testing;
 #[cfg(test)]
 mod tests_replicas;
+#[cfg(test)]
+mod tests_tls;
 mod ui_queries;
 
+pub use db::PostgresOptions;
 pub use feed::{DeviceChanges, MAX_CHANGES_PAGE};
 pub use lock::ExclusiveGuard;
 pub use models::{ModelVersion, PatchRecord};

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
-use crate::db::{Db, Pg, args, off_runtime};
+use crate::db::{Db, Pg, PgTarget, args, off_runtime};
 use crate::registry::lock;
 use crate::{Result, Store, StoreError};
 
@@ -36,14 +36,15 @@ const MAX_SPARE: usize = 4;
 
 /// The connections sections are taken on (PostgreSQL only).
 pub(crate) struct LockConnections {
-    config: postgres::Config,
+    /// The store's own settings and TLS connector: sections connect as the store does.
+    target: PgTarget,
     spare: Mutex<Vec<Pg>>,
 }
 
 impl LockConnections {
-    pub(crate) fn new(config: postgres::Config) -> Self {
+    pub(crate) fn new(target: PgTarget) -> Self {
         Self {
-            config,
+            target,
             spare: Mutex::new(Vec::new()),
         }
     }
@@ -51,7 +52,7 @@ impl LockConnections {
     fn take(&self) -> Result<Box<Pg>> {
         match lock(&self.spare).pop() {
             Some(pg) => Ok(Box::new(pg)),
-            None => Pg::connect(&self.config),
+            None => Pg::connect(&self.target),
         }
     }
 

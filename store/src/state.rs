@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 use serde::Serialize;
 
-use crate::db::{Db, Dialect, P, Ty, Upsert, args};
+use crate::db::{Db, Dialect, P, PgTarget, PostgresOptions, Ty, Upsert, args};
 use crate::lock::LockConnections;
 use crate::registry::{Registry, lock};
 use crate::{Result, StoreError};
@@ -347,18 +347,41 @@ impl Store {
     /// `key=value` settings), migrating it if needed, for several `serve` replicas sharing it.
     /// `data_dir` still holds the master key (the same file for every replica: copy it, or
     /// share the directory) and the OTA artifacts. Errors never show the password.
+    ///
+    /// With `sslmode=require` in the URL, connections use TLS and the server's certificate is
+    /// verified against the Mozilla roots (see [`Store::open_postgres_with`] for a private
+    /// CA); otherwise they are plain text.
     pub fn open_postgres(data_dir: &Path, url: &str) -> Result<Self> {
+        Self::open_postgres_with(data_dir, url, &PostgresOptions::default())
+    }
+
+    /// [`Store::open_postgres`] with options: `ca_file`, a PEM file of CA certificates trusted
+    /// besides the Mozilla roots to sign the server's certificate (needs `sslmode=require`).
+    /// Every connection of the store (its own, and those [`Store::exclusive`] sections hold)
+    /// is made the same way.
+    pub fn open_postgres_with(
+        data_dir: &Path,
+        url: &str,
+        options: &PostgresOptions,
+    ) -> Result<Self> {
         create_dir(data_dir)?;
-        let config = crate::db::pg_config(url)?;
-        let path = PathBuf::from(crate::db::describe(&config));
-        let mut db = Db::Postgres(crate::db::Pg::connect(&config)?);
+        let target = PgTarget::new(url, options)?;
+        let path = PathBuf::from(crate::db::describe(&target.config));
+        let mut db = Db::Postgres(crate::db::Pg::connect(&target)?);
         crate::schema::migrate_postgres(&mut db, &path)?;
         Self::assemble(
             db,
             path,
             data_dir,
-            Some(Arc::new(LockConnections::new(config))),
+            Some(Arc::new(LockConnections::new(target))),
         )
+    }
+
+    /// Checks PostgreSQL settings without connecting (for configuration checks): the URL
+    /// parses, and a CA file goes with `sslmode=require` and holds at least one usable
+    /// certificate. Errors never show the password.
+    pub fn check_postgres(url: &str, options: &PostgresOptions) -> Result<()> {
+        PgTarget::new(url, options).map(|_| ())
     }
 
     fn assemble(
@@ -405,6 +428,21 @@ impl Store {
 
     pub(crate) fn lock_connections(&self) -> Option<&Arc<LockConnections>> {
         self.lock_connections.as_ref()
+    }
+
+    /// Whether the store's own connection is encrypted (PostgreSQL's `pg_stat_ssl`), for
+    /// tests; `None` on SQLite.
+    #[cfg(test)]
+    pub(crate) fn postgres_ssl(&self) -> Result<Option<bool>> {
+        let mut db = lock(&self.db);
+        if db.dialect() != Dialect::Postgres {
+            return Ok(None);
+        }
+        let row = db.query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            args![],
+        )?;
+        row.bool(0).map(Some)
     }
 
     /// Writes a batch in one transaction.
