@@ -274,6 +274,8 @@ async fn watch_connection(
 ) {
     let mut tick = tokio::time::interval((timeout / 10).max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refused_since: Option<Instant> = None;
+    let mut reported = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -310,6 +312,22 @@ async fn watch_connection(
                 payload,
             )
             .is_ok();
+        // A request channel full for a whole timeout means the connection's own task has not
+        // polled for that long: nothing a reconnect could fix, but worth saying once.
+        if sent {
+            refused_since = None;
+        } else {
+            let since = *refused_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= timeout && !reported {
+                tracing::error!(
+                    client_id = %c.client_id,
+                    stuck_s = since.elapsed().as_secs(),
+                    "ingest's MQTT event loop has taken no request for this long; \
+                     please report this with the log"
+                );
+                reported = true;
+            }
+        }
         if sent && is_probe {
             watchdog
                 .lock()
