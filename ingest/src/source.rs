@@ -12,9 +12,11 @@
 //!
 //! # The stall watchdog
 //!
-//! A broker can keep a connection up, answer its pings and still deliver nothing: Mosquitto
-//! 2.0.11 (Debian 12's) was seen doing so under disk load, while devices kept getting their
-//! PUBACKs and the messages piled up in ingest's session. Keep-alive cannot see that. So each
+//! A broker can keep a connection up, answer its pings and still deliver nothing, while devices
+//! keep getting their PUBACKs and the messages pile up in ingest's session (eclipse/mosquitto#2362
+//! reports Mosquitto 2.0.11 holding QoS 1 messages until restarted; the stall seen here at
+//! 50,000 devices turned out to be ingest's own, fixed in `Acker`). Keep-alive cannot see that.
+//! So each
 //! connection subscribes to a probe topic of its own, `tf/probe/{client id}`, and when nothing
 //! was delivered for a while it publishes a probe there (QoS 1, through the same session queue
 //! as device messages). If the probe does not come back within `stall_timeout`, nothing else
@@ -23,10 +25,12 @@
 //! (`tinyfleet_ingest_broker_stalls_total`), logs it and reconnects. The broker then resumes the
 //! persistent session and re-sends what was not acknowledged; dedup absorbs repeats.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use rumqttc::{QoS, SubscribeFilter};
 use tinyfleet_broker::client::{Acker, ClientConfig, ClientEvent, connect, shared};
 use tinyfleet_device::Kind;
 use tokio::sync::{mpsc, watch};
@@ -150,7 +154,11 @@ async fn run_one(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut on_subscribed = Some(on_subscribed);
-    let mut subacks = 0usize;
+    // SUBACKs awaited on this connection, in order: `true` for the SUBSCRIBE of every filter.
+    let mut awaited: VecDeque<bool> = VecDeque::new();
+    // A SUBSCRIBE of every filter was sent and not acknowledged: a first connection can break
+    // between CONNACK and SUBACK, leaving a session without subscriptions.
+    let mut full_pending = false;
     client.clean_session = false;
     client.manual_acks = true;
     let (mqtt, mut conn) = connect(&client);
@@ -199,18 +207,27 @@ async fn run_one(
             event = conn.next() => match event {
                 ClientEvent::Connected { session_present } => {
                     observe(&|w, now| w.on_connected(now));
-                    // Subscribe unless the broker kept this session *and* it got its
-                    // subscriptions: a first connection can break between CONNACK and SUBACK,
-                    // leaving a session without them.
-                    if session_present && subacks >= subscriptions.len() {
+                    awaited.clear();
+                    if !session_present || full_pending {
+                        full_pending = true;
+                        let all = subscriptions
+                            .iter()
+                            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                        match mqtt.try_subscribe_many(all) {
+                            Ok(()) => awaited.push_back(true),
+                            Err(e) => tracing::error!(error = %e, "subscribe request failed"),
+                        }
+                    } else {
                         if let Some(f) = on_subscribed.take() {
                             f();
                         }
-                    } else {
-                        subacks = 0;
-                        for filter in &subscriptions {
-                            if let Err(e) = mqtt.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce) {
-                                tracing::error!(%filter, error = %e, "subscribe request failed");
+                        // The session keeps the device subscriptions (not subscribing again
+                        // spares a flood of retained hellos); the probe's is renewed, for
+                        // sessions made before it existed.
+                        if watchdog.is_some() {
+                            match mqtt.try_subscribe(probe_topic.clone(), QoS::AtLeastOnce) {
+                                Ok(()) => awaited.push_back(false),
+                                Err(e) => tracing::error!(error = %e, "subscribe request failed"),
                             }
                         }
                     }
@@ -236,11 +253,11 @@ async fn run_one(
                     }
                 }
                 ClientEvent::Other(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
-                    subacks += 1;
-                    if subacks >= subscriptions.len()
-                        && let Some(f) = on_subscribed.take()
-                    {
-                        f();
+                    if awaited.pop_front() == Some(true) {
+                        full_pending = false;
+                        if let Some(f) = on_subscribed.take() {
+                            f();
+                        }
                     }
                 }
                 ClientEvent::Other(_) => {}
@@ -305,12 +322,7 @@ async fn watch_connection(
         // Skipped when the request channel is full; the next tick tries again.
         let sent = c
             .mqtt
-            .try_publish(
-                c.probe_topic.clone(),
-                rumqttc::QoS::AtLeastOnce,
-                false,
-                payload,
-            )
+            .try_publish(c.probe_topic.clone(), QoS::AtLeastOnce, false, payload)
             .is_ok();
         // A request channel full for a whole timeout means the connection's own task has not
         // polled for that long: nothing a reconnect could fix, but worth saying once.
