@@ -24,6 +24,7 @@
 
 pub mod conditions;
 pub mod config;
+pub mod failures;
 pub mod retrain;
 
 use std::collections::{HashMap, HashSet};
@@ -483,6 +484,8 @@ impl Monitor {
         let period = std::time::Duration::from_millis(self.shared.config.settings.tick_ms);
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A full disk or a database away fails every tick: log it once a minute, not 12 times.
+        let mut failures = failures::RepeatedFailure::default();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -492,12 +495,24 @@ impl Monitor {
                 break;
             }
             let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.step(tinyfleet_store::now_ms())).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "monitor step failed; retrying next tick")
-                }
-                Err(e) => tracing::error!(error = %e, "monitor step panicked"),
+            let error =
+                match tokio::task::spawn_blocking(move || me.step(tinyfleet_store::now_ms())).await
+                {
+                    Ok(Ok(_)) => {
+                        if let Some(n) = failures.succeeded() {
+                            tracing::info!(failed_steps = n, "monitor steps succeed again");
+                        }
+                        continue;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => format!("the step panicked: {e}"),
+                };
+            if let Some(n) = failures.failed(std::time::Instant::now()) {
+                tracing::error!(
+                    error = %error,
+                    failed_steps = n,
+                    "monitor step failed; retrying every tick (logged once a minute)"
+                );
             }
         }
     }
