@@ -323,6 +323,15 @@ const DEVICE_OTA: Upsert = Upsert {
     only_if: Some("(excluded.boot, excluded.seq) > (device_ota.boot, device_ota.seq)"),
 };
 
+/// WAL with full sync (a commit that returned is on disk, and readers do not block the ingest
+/// writer), foreign keys, and the schema migrated.
+fn prepare_sqlite(conn: &mut Connection, path: &Path) -> Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    crate::schema::migrate_sqlite(conn, path)
+}
+
 impl Store {
     /// Opens (creating if needed) `<data_dir>/tinyfleet.db` and the master key beside it: the
     /// embedded SQLite database, the default.
@@ -333,12 +342,21 @@ impl Store {
         // Set first: processes opening the file at once wait for each other's locks, and for
         // another process's migrations (which may take long on a big database).
         conn.busy_timeout(std::time::Duration::from_secs(120))?;
-        // WAL with full sync: a commit that returned is on disk, and readers do not block the
-        // ingest writer.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        crate::schema::migrate_sqlite(&mut conn, &path)?;
+        // SQLite answers some lock conflicts of connections opening a new file at once with
+        // SQLITE_BUSY without waiting (switching the journal mode, the first WAL recovery);
+        // the steps are idempotent, so they are simply tried again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            match prepare_sqlite(&mut conn, &path) {
+                Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        }
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Self::assemble(Db::Sqlite(conn), path, data_dir, None)
     }
