@@ -19,14 +19,14 @@ import io, sys, detools
 d = sys.argv[1]
 lines = [l.rstrip("\n").split("\t") for l in open(f"{d}/tfp1.tsv")]
 ram = [l[0] for l in lines if l[0].startswith("#")]
-print(f"detools {detools.__version__}; {ram[0][2:] if ram else ''}\n")
-print("| change | image | TFP1 (tinyfleet) | bsdiff+heatshrink | bsdiff+lzma | LZ4 of the image |")
-print("|---|---:|---:|---:|---:|---:|")
+print(f"detools {detools.__version__}; {'; '.join(r[2:] for r in ram)}\n")
+print("| change | image | TFP1 (tinyfleet, 1 KB blocks) | bsdiff+heatshrink | bsdiff+lzma | LZ4 of the image | TFP1, 512 B blocks | TFP1, 256 B blocks |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 pct = lambda n, of: f"{n:,} ({100 * n / of:.1f}%)"
 for row in lines:
     if row[0].startswith("#") or row[0] == "scenario":
         continue
-    name, image, tfp1, lz4 = row[0], int(row[1]), int(row[2]), int(row[3])
+    name, image, tfp1, lz4, tfp1_512, tfp1_256 = row[0], *map(int, row[1:6])
     base = open(f"{d}/{name}.base", "rb").read()
     new = open(f"{d}/{name}.new", "rb").read()
     sizes = []
@@ -34,5 +34,5 @@ for row in lines:
         p = io.BytesIO()
         detools.create_patch(io.BytesIO(base), io.BytesIO(new), p, compression=comp)
         sizes.append(len(p.getvalue()))
-    print(f"| {name} | {image:,} | {pct(tfp1, image)} | {pct(sizes[0], image)} | {pct(sizes[1], image)} | {pct(lz4, image)} |")
+    print(f"| {name} | {image:,} | {pct(tfp1, image)} | {pct(sizes[0], image)} | {pct(sizes[1], image)} | {pct(lz4, image)} | {pct(tfp1_512, image)} | {pct(tfp1_256, image)} |")
 PY

@@ -10,6 +10,8 @@ step "toolchain"
 need_apt=()
 command -v readelf >/dev/null || need_apt+=(binutils)
 command -v cc >/dev/null || need_apt+=(gcc)
+# The size probe's stack analysis (the device's RAM goal counts the stack) reads the disassembly.
+command -v llvm-objdump >/dev/null || need_apt+=(llvm)
 # Browser tests (tests/ui.rs) drive Debian's headless Chromium through chromedriver.
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)

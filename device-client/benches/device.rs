@@ -3,6 +3,9 @@
 //! - `record`: one inference into the reference monitor (8 features x 16 bins, 10 classes).
 //! - `finish_window`: encoding and authenticating one reference summary (100 inferences).
 //! - `verify_decode`: the backend's side of the same summary (COSE verify + strict decode).
+//! - `offer_signature/*`: an offer's Ed25519 check on a 1 KB message, the device's
+//!   `ota::ed25519::verify_strict` (one table-free double-and-add, for its stack) beside
+//!   ed25519-dalek's `verify_strict` (tables, variable-time double-base multiplication).
 
 use std::hint::black_box;
 
@@ -67,5 +70,32 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+fn offer_signature(c: &mut Criterion) {
+    use ed25519_dalek::{Signer, SigningKey};
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let message = [0x5a_u8; 1024];
+    let signature = key.sign(&message);
+    let (public, sig) = (key.verifying_key(), signature.to_bytes());
+    let mut group = c.benchmark_group("offer_signature");
+    group.bench_function("device", |b| {
+        b.iter(|| {
+            tinyfleet_device::ota::ed25519::verify_strict(
+                black_box(public.as_bytes()),
+                black_box(&message),
+                black_box(&sig),
+            )
+            .expect("verifies")
+        })
+    });
+    group.bench_function("ed25519_dalek", |b| {
+        b.iter(|| {
+            black_box(&public)
+                .verify_strict(black_box(&message), black_box(&signature))
+                .expect("verifies")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, offer_signature);
 criterion_main!(benches);

@@ -10,7 +10,8 @@ frame plus the deepest of its callees. Recursion (a cycle) is cut and reported; 
 (`blx rN`) are counted and reported, as their targets are unknown.
 
 Usage: stack.py ROOT [N]  -- prints, as markdown table rows, the deepest path below ROOT (its
-callees, not ROOT itself) and the N largest frames; the first line is "TOTAL <bytes>".
+callees, not ROOT itself) and the N largest frames; the first line is "TOTAL <bytes>", the
+second "ROOT <bytes>", ROOT's own frame.
 """
 
 import re
@@ -130,6 +131,7 @@ def main():
 
     below = max((depth(c, {root}) for c in calls[root] if c in frames), default=(0, []))
     print(f"TOTAL {below[0]}")
+    print(f"ROOT {frames[root]}")
     names = demangle(below[1])
     for f, name in zip(below[1], names):
         short = re.sub(r"::h[0-9a-f]{16}$", "", name).replace("|", "\\|")

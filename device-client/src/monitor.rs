@@ -90,6 +90,10 @@ impl<'p, const F: usize, const B: usize, const C: usize, const K: usize, const L
     ///
     /// Cannot fail at run time: the edges were validated when built ([`Edges::new`]), and
     /// dimensions beyond the protocol's [`wire::limits`] fail to compile.
+    ///
+    /// Not inlined: its temporaries (empty sketches copied into place) then stay out of the
+    /// caller's frame.
+    #[inline(never)]
     pub fn new(
         config: MonitorConfig<'p, F, B, L>,
         boot: u32,
@@ -193,6 +197,12 @@ impl<'p, const F: usize, const B: usize, const C: usize, const K: usize, const L
     /// (the bitstream is staged at the end of `out`): 512 bytes suffice for the reference
     /// configuration. On success returns the envelope's length and starts the next window; on
     /// error nothing changes.
+    ///
+    /// Not inlined (nor is the reset of the sketches it ends with), so that its temporaries
+    /// (the summary being encoded, the new window's sketches) take stack only while it runs
+    /// instead of sitting in the caller's frame, which on a device usually holds its long-lived
+    /// state.
+    #[inline(never)]
     pub fn finish_window(
         &mut self,
         now_ms: u64,
@@ -266,6 +276,7 @@ impl<'p, const F: usize, const B: usize, const C: usize, const K: usize, const L
         Ok(w.byte_len())
     }
 
+    #[inline(never)]
     fn start_window(&mut self, now_ms: u64) {
         self.seq = self.seq.wrapping_add(1);
         self.window_start_ms = now_ms;

@@ -129,7 +129,14 @@ fn main() {
         DEFAULT_BLOCK_SIZE,
         std::mem::size_of::<tinyfleet_device::ota::patch::Patcher<1024>>()
     );
-    println!("scenario\timage\ttfp1\tlz4_image");
+    // Smaller blocks for devices with less RAM (the patcher holds about three blocks): the
+    // same patches at 512 and 256 bytes, side by side.
+    println!(
+        "# Patcher<512> RAM: {} bytes, Patcher<256> RAM: {} bytes",
+        std::mem::size_of::<tinyfleet_device::ota::patch::Patcher<512>>(),
+        std::mem::size_of::<tinyfleet_device::ota::patch::Patcher<256>>()
+    );
+    println!("scenario\timage\ttfp1\tlz4_image\ttfp1_512\ttfp1_256");
     for (name, new) in scenarios {
         let (patch, _) = diff(&base, &new, DEFAULT_BLOCK_SIZE).expect("diff");
         let lz4 = lz4_flex::block::compress(&new).len();
@@ -139,6 +146,13 @@ fn main() {
                 .and_then(|mut f| f.write_all(bytes))
                 .expect("write image");
         }
-        println!("{name}\t{}\t{}\t{lz4}", new.len(), patch.len());
+        let smaller = [512, 256].map(|bs| diff(&base, &new, bs).expect("diff").0.len());
+        println!(
+            "{name}\t{}\t{}\t{lz4}\t{}\t{}",
+            new.len(),
+            patch.len(),
+            smaller[0],
+            smaller[1]
+        );
     }
 }

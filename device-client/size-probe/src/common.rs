@@ -67,8 +67,9 @@ pub fn halt() -> ! {
 
 /// The monitoring side of a device: builds the reference monitor from opaque edges, then
 /// forever records 100 inferences, labels and health and finishes the window into an
-/// authenticated summary; `$after_window` runs after each window with `$id`, `$key` and `$out`
-/// (the 512-byte message buffer) in scope.
+/// authenticated summary written into the first `OUT_LEN` bytes of `$out` (a byte array the
+/// caller declares: the message buffer, which the whole client shares with received messages);
+/// `$after_window` runs after each window with `$id`, `$key` and `$out` in scope.
 #[macro_export]
 macro_rules! monitor_probe {
     (|$id:ident, $key:ident, $out:ident| $after_window:block) => {{
@@ -101,7 +102,6 @@ macro_rules! monitor_probe {
         let mut now_ms: u64 = black_box(1_000);
         let mut monitor =
             ReferenceMonitor::new(config, black_box(1), black_box(0), black_box(now_ms));
-        let mut $out = [0u8; OUT_LEN];
 
         loop {
             let inferences = black_box(100u32);
@@ -128,7 +128,7 @@ macro_rules! monitor_probe {
                 black_box(Some(1_764_000_000)),
                 $id,
                 &$key,
-                &mut $out,
+                &mut $out[..OUT_LEN],
             );
             if black_box(result.is_err()) {
                 monitor.note_dropped();

@@ -15,5 +15,6 @@ mod common;
 #[unsafe(no_mangle)]
 #[allow(non_snake_case)]
 pub extern "C" fn Reset() -> ! {
-    monitor_probe!(|_id, _key, _out| {})
+    let mut out = [0u8; common::OUT_LEN];
+    monitor_probe!(|_id, _key, out| {})
 }

@@ -16,21 +16,23 @@ use core::hint::black_box;
 
 use embedded_storage::nor_flash::{ErrorType, NorFlash, NorFlashErrorKind, ReadNorFlash};
 use tinyfleet_device::ota::flash::{Layout, Region};
-use tinyfleet_device::ota::installer::{Config, GoldenDigest, Installer, Next};
+use tinyfleet_device::ota::installer::{Config, Error, GoldenDigest, Installer, Next, Report};
 use tinyfleet_device::ota::manifest::{MAX_OFFER, TrustedKey};
 use tinyfleet_device::ota::patch::Patcher;
 use tinyfleet_device::ota::{boot, decode_block};
 use tinyfleet_device::wire::{self, BlockRequest, Kind};
 use tinyfleet_device::{DeviceId, DeviceKey};
 
-/// Largest patch block the device applies (its patcher holds about 3 x B bytes).
-const B: usize = 1024;
-/// The receive buffer: an offer, or a block message (1 KB of data and its CBOR header).
-const RX_LEN: usize = if MAX_OFFER > B + 64 {
-    MAX_OFFER
-} else {
-    B + 64
-};
+/// Largest patch block the device applies (its patcher holds about 3 x B bytes): a fleet of
+/// such devices runs the service with `[ota] block_size = 512`.
+const B: usize = 512;
+/// The message buffer: an offer, a block message (B bytes of data and its CBOR header), or a
+/// message the device seals (a summary takes at most `OUT_LEN`).
+const IO_LEN: usize = max(max(MAX_OFFER, B + 64), common::OUT_LEN);
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}
 
 type DeviceInstaller<'a> = Installer<'a, ProbeFlash, B>;
 
@@ -47,11 +49,11 @@ static PROBE_SIZE_OF_INSTALLER: [u8; size_of::<DeviceInstaller<'static>>()] =
 #[unsafe(link_section = ".probe_info")]
 static PROBE_SIZE_OF_PATCHER: [u8; size_of::<Patcher<B>>()] = [0; size_of::<Patcher<B>>()];
 
-/// The receive buffer (offers, verified in place, and blocks).
+/// The message buffer (offers, verified in place, blocks, and sealed messages).
 #[used]
 #[unsafe(no_mangle)]
 #[unsafe(link_section = ".probe_info")]
-static PROBE_SIZE_OF_RX_BUFFER: [u8; RX_LEN] = [0; RX_LEN];
+static PROBE_SIZE_OF_IO_BUFFER: [u8; IO_LEN] = [0; IO_LEN];
 
 /// Keys the device trusts (two, for rotation); in flash.
 static KEYS: [TrustedKey<'static>; 2] = [
@@ -124,23 +126,27 @@ impl NorFlash for ProbeFlash {
 /// installer resumes from the flash. Not inlined, so its temporaries stay out of `Reset`'s frame
 /// (which holds the device's long-lived state, as statics would on firmware).
 #[inline(never)]
-fn power_on(patcher: &mut Patcher<B>) -> DeviceInstaller<'_> {
-    let mut flash = ProbeFlash;
+fn power_on(patcher: &mut Patcher<B>) -> Result<DeviceInstaller<'_>, Error<NorFlashErrorKind>> {
+    bootloader();
     let layout = black_box(LAYOUT);
-    let Ok(booted) = boot::boot(&mut flash, &layout) else {
-        common::halt()
-    };
-    black_box(booted);
     let config = Config {
         hw: black_box("nrf52840"),
         fw: black_box(12),
         arena: black_box(64 * 1024),
         keys: black_box(&KEYS[..]),
     };
-    let Ok(installer) = DeviceInstaller::open(flash, layout, config, patcher) else {
+    DeviceInstaller::open(ProbeFlash, layout, config, patcher)
+}
+
+/// The bootloader's decision (on a real device, in the bootloader's own image, which runs
+/// before the application and so never shares its RAM; linked here for its flash).
+#[inline(never)]
+fn bootloader() {
+    let mut flash = ProbeFlash;
+    let Ok(booted) = boot::boot(&mut flash, &black_box(LAYOUT)) else {
         common::halt()
     };
-    installer
+    black_box(booted);
 }
 
 /// Message sequence numbers of the device's OTA messages.
@@ -151,27 +157,51 @@ struct Counters {
 }
 
 /// One received message (an offer or a block) and one installer step, with the progress
-/// reports and block request they produce sealed into `out`. Not inlined (see `power_on`).
+/// reports and block request they produce sealed into `io` once the message is used up. Not
+/// inlined (see `power_on`); each part is a function of its own, so that what one part holds
+/// is not on the stack under another (the offer's signature check is the deepest).
 #[inline(never)]
 fn ota_step(
     installer: &mut DeviceInstaller<'_>,
-    rx: &mut [u8; RX_LEN],
+    io: &mut [u8; IO_LEN],
     id: DeviceId<'_>,
     key: &DeviceKey,
-    out: &mut [u8],
     seq: &mut Counters,
 ) {
     let mut reports = [installer.take_report(), None, None];
-    black_box(&mut *rx);
-    let len = black_box(rx.len());
+    reports[1] = receive(installer, io);
+    reports[2] = advance(installer, io, id, key, seq);
+    for report in reports.iter_mut().filter_map(Option::take) {
+        send_report(&report, io, id, key, seq);
+    }
+}
+
+/// Hands the received message in `io` to the installer: an offer (verified in place) or a
+/// block.
+#[inline(never)]
+fn receive(installer: &mut DeviceInstaller<'_>, io: &mut [u8; IO_LEN]) -> Option<Report> {
+    black_box(&mut *io);
+    let len = black_box(io.len());
     let step = if black_box(true) {
-        installer.offer_in_place(&mut rx[..len]).map(Some)
-    } else if let Some(block) = decode_block(&rx[..len]) {
+        installer.offer_in_place(&mut io[..len]).map(Some)
+    } else if let Some(block) = decode_block(&io[..len]) {
         installer.write(block.offset, block.data)
     } else {
         Ok(None)
     };
-    reports[1] = step.ok().flatten();
+    step.ok().flatten()
+}
+
+/// The installer's next step: a block request (sealed into `io`), the switch, or the self-test
+/// with golden vectors.
+#[inline(never)]
+fn advance(
+    installer: &mut DeviceInstaller<'_>,
+    io: &mut [u8; IO_LEN],
+    id: DeviceId<'_>,
+    key: &DeviceKey,
+    seq: &mut Counters,
+) -> Option<Report> {
     let next = match installer.next() {
         Next::Fetch {
             object,
@@ -187,38 +217,50 @@ fn ota_step(
                 len: block_size,
             };
             seq.request = seq.request.wrapping_add(1);
-            black_box(wire::seal(id, key, Kind::BlockRequest, &request, out)).ok();
+            black_box(wire::seal(id, key, Kind::BlockRequest, &request, &mut io[..])).ok();
             Ok(None)
         }
         Next::Switch => installer.switch(),
         Next::SelfTest => {
             let mut golden = |i: u16, seen: &mut GoldenDigest| {
                 // Input and expected output of vector i, and the model's answer.
-                seen.update(&rx[..black_box(64)]);
+                seen.update(&io[..black_box(64)]);
                 black_box(i) == black_box(0)
             };
             installer.self_test(&mut golden)
         }
         Next::Reboot | Next::Idle => Ok(None),
     };
-    reports[2] = next.ok().flatten();
-    for report in reports.iter_mut().filter_map(Option::take) {
-        let msg = report.progress(1, seq.progress);
-        seq.progress = seq.progress.wrapping_add(1);
-        black_box(wire::seal(id, key, Kind::Progress, &msg, out)).ok();
-    }
+    next.ok().flatten()
+}
+
+/// Seals a progress report into `io`.
+#[inline(never)]
+fn send_report(
+    report: &Report,
+    io: &mut [u8; IO_LEN],
+    id: DeviceId<'_>,
+    key: &DeviceKey,
+    seq: &mut Counters,
+) {
+    let msg = report.progress(1, seq.progress);
+    seq.progress = seq.progress.wrapping_add(1);
+    black_box(wire::seal(id, key, Kind::Progress, &msg, &mut io[..])).ok();
 }
 
 #[unsafe(no_mangle)]
 #[allow(non_snake_case)]
 pub extern "C" fn Reset() -> ! {
     // The device's long-lived OTA state (statics on firmware): the patcher, the installer that
-    // borrows it, the receive buffer.
+    // borrows it, and the one message buffer (received offers and blocks, and every message
+    // the device seals: summaries, progress reports, block requests).
     let mut patcher = Patcher::new();
-    let mut installer = power_on(&mut patcher);
-    let mut rx = [0u8; RX_LEN];
+    let Ok(mut installer) = power_on(&mut patcher) else {
+        common::halt()
+    };
+    let mut io = [0u8; IO_LEN];
     let mut seq = Counters::default();
-    monitor_probe!(|id, key, out| {
-        ota_step(&mut installer, &mut rx, id, &key, &mut out, &mut seq);
+    monitor_probe!(|id, key, io| {
+        ota_step(&mut installer, &mut io, id, &key, &mut seq);
     })
 }

@@ -30,8 +30,10 @@
 //! malleability and small-order cases (`tests/ed25519_strict.rs`), and on random keys, messages,
 //! signatures and single flipped bits (proptest, same file).
 
+use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
 use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
 use curve25519_dalek::scalar::Scalar;
+use curve25519_dalek::traits::Identity as _;
 use sha2::{Digest as _, Sha512};
 
 /// Length of an Ed25519 public key.
@@ -79,7 +81,8 @@ pub fn verify_strict(
         return Err(Error::Signature); // unreachable: a signature is 32 + 32 bytes
     };
     // 1. A is a point (the only `Error::Key`), 4. not of small order.
-    let a = public_point(public)?;
+    let mut neg_a = EdwardsPoint::identity();
+    negated_public_point(public, &mut neg_a)?;
     // 2. S < l.
     let s = canonical(s).ok_or(Error::Signature)?;
     // 3. R is a point, 4. not of small order.
@@ -88,22 +91,44 @@ pub fn verify_strict(
     }
     // 5. [S]B - [k]A == R, on encodings.
     let k = challenge(r, public, message);
-    let ka = point_mul(&a, &k);
-    if equation(&s, &ka, r) {
+    if equation(&s, &k, &neg_a, r) {
         Ok(())
     } else {
         Err(Error::Signature)
     }
 }
 
-/// `A` decompressed (as ed25519-dalek does: a non-canonical `y >= p` decodes), of large order.
+/// `-A` into `neg_a`, with `A` decompressed as ed25519-dalek does (a non-canonical `y >= p`
+/// decodes) and of large order. The point goes to the caller's frame rather than through a
+/// return value, which would add its own copies to this frame, above the decompression.
 #[inline(never)]
-fn public_point(public: &[u8; 32]) -> Result<EdwardsPoint, Error> {
-    let a = CompressedEdwardsY(*public).decompress().ok_or(Error::Key)?;
-    if small_order(&a) {
+fn negated_public_point(public: &[u8; 32], neg_a: &mut EdwardsPoint) -> Result<(), Error> {
+    if !decompress_into(public, neg_a) {
+        return Err(Error::Key);
+    }
+    if small_order(neg_a) {
         return Err(Error::Signature);
     }
-    Ok(a)
+    negate(neg_a);
+    Ok(())
+}
+
+/// Decompresses `bytes` into `p`; false if they are not the encoding of a point.
+#[inline(never)]
+fn decompress_into(bytes: &[u8; 32], p: &mut EdwardsPoint) -> bool {
+    match CompressedEdwardsY(*bytes).decompress() {
+        Some(q) => {
+            *p = q;
+            true
+        }
+        None => false,
+    }
+}
+
+/// `p = -p`.
+#[inline(never)]
+fn negate(p: &mut EdwardsPoint) {
+    *p = -&*p;
 }
 
 /// `S` as a scalar if `S < l`.
@@ -137,29 +162,51 @@ fn challenge(r: &[u8; 32], public: &[u8; 32], message: &[u8]) -> Scalar {
     Scalar::from_bytes_mod_order_wide(&h.finalize().into())
 }
 
-/// `[k]A` (a constant-time multiplication with one 8-entry table built from `A`).
+/// `[s]B - [k]A`, compressed, equals the bytes of `r`.
 #[inline(never)]
-fn point_mul(a: &EdwardsPoint, k: &Scalar) -> EdwardsPoint {
-    a * k
+fn equation(s: &Scalar, k: &Scalar, neg_a: &EdwardsPoint, r: &[u8; 32]) -> bool {
+    let mut sum = EdwardsPoint::identity();
+    double_base(s, k, neg_a, &mut sum);
+    encodes_as(&sum, r)
 }
 
-/// `[s]B - [k]A`, compressed, equals the bytes of `R`.
+/// `p`, compressed, is `r` (an inversion: its temporaries stay below this frame only).
 #[inline(never)]
-fn equation(s: &Scalar, ka: &EdwardsPoint, r: &[u8; 32]) -> bool {
-    let sb = base_mul(s);
-    difference_is(&sb, ka, r)
+fn encodes_as(p: &EdwardsPoint, r: &[u8; 32]) -> bool {
+    p.compress().as_bytes() == r
 }
 
-/// `[s]B` (the same multiplication, its table built from the base point).
+/// `sum = [s]B + [k](-A)` (`sum` starts as the identity) by one left-to-right double-and-add
+/// over the bits of both scalars at once (Shamir's trick): per bit a doubling, plus `B` where
+/// `s` has a one and `-A` where `k` has one. No table, so nothing but the running sum lives
+/// across the loop; variable time, which is fine for public data. Both scalars are below
+/// `2^253` (`s` is canonical, `k` reduced mod `l`).
 #[inline(never)]
-fn base_mul(s: &Scalar) -> EdwardsPoint {
-    EdwardsPoint::mul_base(s)
+fn double_base(s: &Scalar, k: &Scalar, neg_a: &EdwardsPoint, sum: &mut EdwardsPoint) {
+    let (s, k) = (s.as_bytes(), k.as_bytes());
+    let bit = |bytes: &[u8; 32], i: usize| (bytes[i / 8] >> (i % 8)) & 1 == 1;
+    for i in (0..253).rev() {
+        double(sum);
+        if bit(s, i) {
+            add(sum, &ED25519_BASEPOINT_POINT);
+        }
+        if bit(k, i) {
+            add(sum, neg_a);
+        }
+    }
 }
 
-/// `P - Q`, compressed, equals `r`.
+/// `p = 2p` (by the complete addition formula).
 #[inline(never)]
-fn difference_is(p: &EdwardsPoint, q: &EdwardsPoint, r: &[u8; 32]) -> bool {
-    (p - q).compress().as_bytes() == r
+fn double(p: &mut EdwardsPoint) {
+    let q = *p;
+    *p = q + q;
+}
+
+/// `p = p + q`.
+#[inline(never)]
+fn add(p: &mut EdwardsPoint, q: &EdwardsPoint) {
+    *p += q;
 }
 
 #[cfg(test)]

@@ -351,6 +351,9 @@ impl<'a, F: NorFlash, const B: usize> Installer<'a, F, B> {
     /// state and the progress log and resumes where a power loss stopped. When the boot settled
     /// an install (confirmed before the power went, reverted by the bootloader), the report is
     /// waiting in [`Installer::take_report`].
+    ///
+    /// Not inlined, so that its temporaries stay out of the caller's frame.
+    #[inline(never)]
     pub fn open(
         mut flash: F,
         layout: Layout,
@@ -378,11 +381,23 @@ impl<'a, F: NorFlash, const B: usize> Installer<'a, F, B> {
             stale: false,
             settled: None,
         };
-        let mut record = [0u8; PROGRESS_PAYLOAD];
-        if me.log().read_latest(&mut me.flash, &mut record)?.is_some() {
-            me.settled = me.restore(&record)?;
-        }
+        me.resume()?;
         Ok(me)
+    }
+
+    /// Resumes from the latest progress record, if any. Not inlined: the record and the
+    /// restored state stay out of [`Installer::open`]'s frame, which holds the installer.
+    #[inline(never)]
+    fn resume(&mut self) -> Result<(), Error<F::Error>> {
+        let mut record = [0u8; PROGRESS_PAYLOAD];
+        if self
+            .log()
+            .read_latest(&mut self.flash, &mut record)?
+            .is_some()
+        {
+            self.settled = self.restore(&record)?;
+        }
+        Ok(())
     }
 
     /// The report of an install that [`Installer::open`] found settled (once).
@@ -450,9 +465,30 @@ impl<'a, F: NorFlash, const B: usize> Installer<'a, F, B> {
     /// [`Installer::offer`] without a scratch buffer: the signed bytes are built over the offer
     /// itself ([`manifest::verify_offer_in_place`]), so `buf` (the received message, exactly)
     /// is overwritten.
+    ///
+    /// The signature check, the device's deepest stack, is called from this small frame; the
+    /// manifest's decoding and the offer's handling (`offer_signed`) come after it, in frames of
+    /// their own.
     pub fn offer_in_place(&mut self, buf: &mut [u8]) -> Result<Report, Error<F::Error>> {
+        if self.stale {
+            return Err(Error::Stale);
+        }
+        let signed = manifest::signed_payload_in_place(buf, self.config.keys);
+        self.offer_signed(buf, signed)
+    }
+
+    /// The rest of [`Installer::offer_in_place`] once the signature was checked: `signed` is
+    /// where the payload now is in `buf`.
+    #[inline(never)]
+    fn offer_signed(
+        &mut self,
+        buf: &[u8],
+        signed: Result<core::ops::Range<usize>, OfferError>,
+    ) -> Result<Report, Error<F::Error>> {
         self.guard(|me| {
-            let verified = manifest::verify_offer_in_place(buf, me.config.keys);
+            let verified = signed.and_then(|payload| {
+                manifest::decode_checked(buf.get(payload).ok_or(OfferError::Malformed)?)
+            });
             me.offer_inner(verified)
         })
     }
@@ -590,6 +626,9 @@ impl<'a, F: NorFlash, const B: usize> Installer<'a, F, B> {
         self.carry_len = 0;
     }
 
+    /// Not inlined into [`Installer::write`], so that its temporaries stay out of the caller's
+    /// frame (which, in a device's message handler, often also leads to the signature check).
+    #[inline(never)]
     fn write_inner(
         &mut self,
         offset: u32,
@@ -803,6 +842,15 @@ impl<'a, F: NorFlash, const B: usize> Installer<'a, F, B> {
     /// Appends the current state to the progress log.
     fn persist(&mut self) -> Result<(), FlashError<F::Error>> {
         let mut p = [0u8; PROGRESS_PAYLOAD];
+        self.progress_record(&mut p);
+        let log = self.log();
+        log.append(&mut self.flash, &p)
+    }
+
+    /// The progress record of the current state. Not inlined: its temporaries (the hash
+    /// state serialised) stay out of [`Installer::persist`]'s frame, above the flash write.
+    #[inline(never)]
+    fn progress_record(&self, p: &mut [u8; PROGRESS_PAYLOAD]) {
         let j = &self.job;
         p[0] = self.phase as u8;
         p[1] = j.target;
@@ -822,8 +870,6 @@ impl<'a, F: NorFlash, const B: usize> Installer<'a, F, B> {
         p[124..128].copy_from_slice(&self.out_offset.to_le_bytes());
         p[128..132].copy_from_slice(&self.next_src.to_le_bytes());
         p[132..].copy_from_slice(&self.hasher.serialize());
-        let log = self.log();
-        log.append(&mut self.flash, &p)
     }
 
     /// Restores the state of a progress record, reconciled with the boot state.

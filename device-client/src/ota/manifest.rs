@@ -367,7 +367,7 @@ fn check_signature(
 /// Decodes and checks the manifest of an offer whose signature verified. Not inlined, so that
 /// its temporaries stay out of the frames above the signature check.
 #[inline(never)]
-fn decode_checked(payload: &[u8]) -> Result<Manifest<'_>, OfferError> {
+pub(crate) fn decode_checked(payload: &[u8]) -> Result<Manifest<'_>, OfferError> {
     let manifest = Manifest::decode(payload)?;
     manifest.check()?;
     Ok(manifest)
@@ -421,15 +421,31 @@ pub fn verify_offer_in_place<'a>(
 /// the manifest's decoding temporaries (several copies of a ~250-byte `Manifest`) must not sit
 /// in the frames above it (`docs/benchmarks.md`, "With the OTA installer").
 #[inline(never)]
-fn signed_payload_in_place(
+pub(crate) fn signed_payload_in_place(
     buf: &mut [u8],
     trusted: &[TrustedKey<'_>],
 ) -> Result<core::ops::Range<usize>, OfferError> {
+    let mut signature = [0u8; SIGNATURE_LEN];
+    let (key, payload) = sig_structure_in_place(buf, trusted, &mut signature)?;
+    let key = trusted.get(key).ok_or(OfferError::UnknownKey)?;
+    check_signature(key, &buf[..payload.end], &signature)?;
+    Ok(payload)
+}
+
+/// The rewriting half of [`signed_payload_in_place`]: copies the signature out, rewrites `buf`
+/// into the signed bytes, and returns the index of the trusted key and where the payload is.
+/// Not inlined, so that its buffers are off the stack during the signature check.
+#[inline(never)]
+fn sig_structure_in_place(
+    buf: &mut [u8],
+    trusted: &[TrustedKey<'_>],
+    signature_out: &mut [u8; SIGNATURE_LEN],
+) -> Result<(usize, core::ops::Range<usize>), OfferError> {
     let (key, signature, protected, payload) = {
         let offer = parse_offer(buf)?;
-        let key = *trusted
+        let key = trusted
             .iter()
-            .find(|k| k.kid == offer.kid)
+            .position(|k| k.kid == offer.kid)
             .ok_or(OfferError::UnknownKey)?;
         let mut protected = [0u8; 4 + 1 + MAX_KID];
         let p = protected
@@ -463,8 +479,8 @@ fn signed_payload_in_place(
     }
     buf[..n - 1].copy_from_slice(&head[..n - 1]);
     buf[n - 1..prefix].copy_from_slice(&hdr[..h]);
-    check_signature(&key, &buf[..end], &signature)?;
-    Ok(prefix..end)
+    *signature_out = signature;
+    Ok((key, prefix..end))
 }
 
 /// Encodes a manifest as packed CBOR into `buf` (no allocation); returns its length.
