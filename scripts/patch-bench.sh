@@ -20,7 +20,7 @@ d = sys.argv[1]
 lines = [l.rstrip("\n").split("\t") for l in open(f"{d}/tfp1.tsv")]
 ram = [l[0] for l in lines if l[0].startswith("#")]
 print(f"detools {detools.__version__}; {'; '.join(r[2:] for r in ram)}\n")
-print("| change | image | TFP1 (tinyfleet, 1 KB blocks) | bsdiff+heatshrink | bsdiff+lzma | LZ4 of the image | TFP1, 512 B blocks | TFP1, 256 B blocks |")
+print("| change | image | TFP1 (tinyfleet, 1 KB blocks) | bsdiff+heatshrink | bsdiff+lzma | LZ4 of the image | TFP1, 512 B blocks (default) | TFP1, 256 B blocks |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 pct = lambda n, of: f"{n:,} ({100 * n / of:.1f}%)"
 for row in lines:

@@ -16,8 +16,10 @@ use tinyfleet_device::ota::patch::{
     CODE_SHIFT, DeltaCode, KIND_ADD, KIND_COPY, KIND_LITERAL, OP_LZ4, OP_NEXT, PatchHeader, zigzag,
 };
 
-/// Output bytes per record: the device's patcher needs about three of these in RAM.
-pub const DEFAULT_BLOCK_SIZE: u16 = 1024;
+/// Output bytes per record: the device's patcher needs about three of these in RAM. 512 is what
+/// fits the whole device client (monitor + installer, stack included) in 8 KB of RAM
+/// (`docs/benchmarks.md`); 1 KB blocks make patches 1-17% smaller for devices with RAM to spare.
+pub const DEFAULT_BLOCK_SIZE: u16 = 512;
 /// Window length of the base index.
 const WINDOW: usize = 16;
 /// The base index samples every `STEP`-th offset.

@@ -24,8 +24,9 @@ use crate::load::{Held, Load, Published};
 
 /// Flash sector of the simulated part (nRF52-like: 4 KB sectors, 4-byte writes).
 const SECTOR: u32 = 4096;
-/// Largest patch block the simulated devices apply (the service's default block size).
-const PATCH_BLOCK: usize = 1024;
+/// Largest patch block the simulated devices apply (the service's default block size, as on the
+/// reference device of `scripts/size-probe.sh`).
+const PATCH_BLOCK: usize = 512;
 /// A block request without an answer is sent again after this long.
 const BLOCK_RETRY: Duration = Duration::from_secs(3);
 

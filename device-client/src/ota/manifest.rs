@@ -417,9 +417,11 @@ pub fn verify_offer_in_place<'a>(
 
 /// The signature check of [`verify_offer_in_place`]; returns where the payload is now.
 ///
-/// Not inlined: the signature check is the device's deepest stack (~3.5 KB below this), and
+/// Not inlined: the signature check is the device's deepest stack (~2.3 KB below this), and
 /// the manifest's decoding temporaries (several copies of a ~250-byte `Manifest`) must not sit
-/// in the frames above it (`docs/benchmarks.md`, "With the OTA installer").
+/// in the frames above it (`docs/benchmarks.md`, "With the OTA installer"). The offer is
+/// rewritten in `sig_structure_in_place`, so that only the signature and the payload's range
+/// are held here during the check.
 #[inline(never)]
 pub(crate) fn signed_payload_in_place(
     buf: &mut [u8],
