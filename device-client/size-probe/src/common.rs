@@ -58,6 +58,21 @@ fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
     }
 }
 
+/// The reference profile's edges, built from opaque values (as a profile that arrives at run
+/// time would be, which keeps `Edges::new`'s validation in the image). Not inlined, so that the
+/// edges are built straight into the caller's frame without a temporary there.
+#[inline(never)]
+pub fn profile() -> ([Edges<16>; 8], Edges<8>) {
+    use core::hint::black_box;
+    let Ok(feature_edges) = Edges::new(black_box(NORMAL_LO), black_box(NORMAL_16)) else {
+        halt()
+    };
+    let Ok(latency_edges) = Edges::new(black_box(0.0), black_box(LATENCY_US)) else {
+        halt()
+    };
+    ([feature_edges; 8], latency_edges)
+}
+
 /// Stops here on a setup error (bad edges or device id); the probe is never run.
 pub fn halt() -> ! {
     loop {
@@ -74,21 +89,11 @@ pub fn halt() -> ! {
 macro_rules! monitor_probe {
     (|$id:ident, $key:ident, $out:ident| $after_window:block) => {{
         use core::hint::black_box;
-        use tinyfleet_device::{
-            DeviceId, DeviceKey, Edges, Inference, MonitorConfig, ReferenceMonitor,
-        };
-        use $crate::common::{LATENCY_US, NORMAL_16, NORMAL_LO, OUT_LEN, halt};
+        use tinyfleet_device::{DeviceId, DeviceKey, Inference, MonitorConfig, ReferenceMonitor};
+        use $crate::common::{OUT_LEN, halt};
 
-        // The profile arrives at run time on a real device, so build the edges from opaque
-        // values (this keeps `Edges::new`'s validation in the image). They live on this stack
-        // frame.
-        let Ok(feature_edges) = Edges::new(black_box(NORMAL_LO), black_box(NORMAL_16)) else {
-            halt()
-        };
-        let Ok(latency_edges) = Edges::new(black_box(0.0), black_box(LATENCY_US)) else {
-            halt()
-        };
-        let features = [feature_edges; 8];
+        // The profile arrives at run time on a real device; the edges live on this stack frame.
+        let (features, latency_edges) = $crate::common::profile();
         let config = MonitorConfig {
             profile: black_box(7),
             features: &features,

@@ -21,7 +21,7 @@
 //! scalars (Shamir's trick) with no table at all, points are written into their callers' frames
 //! instead of being returned, and the hashing, the decoding checks, the loop and each point
 //! operation sit in their own non-inlined function so that their temporaries never share a
-//! frame: 2.1 KB of stack below [`verify_strict`]'s own 264 bytes in the size probe (the deepest
+//! frame: 2.1 KB of stack below [`verify_strict`]'s own 232 bytes in the size probe (the deepest
 //! is curve25519-dalek's point decompression), and 1 KB less flash than ed25519-dalek,
 //! `docs/benchmarks.md` ("With the OTA installer"). About 2.7 times slower than ed25519-dalek on
 //! the host (no windowing), once per offer. Everything here is public data, so variable time is
@@ -71,7 +71,7 @@ impl std::error::Error for Error {}
 /// accepts (see the module documentation). No allocation, no panic on any input.
 ///
 /// Not inlined, and each step below is a function of its own, so that this frame holds only
-/// what lives across the steps (`-A`, `S`, `k`): 264 bytes on a Cortex-M4, above ~2 KB for the
+/// what lives across the steps (`-A` and `k`): 232 bytes on a Cortex-M4, above ~2 KB for the
 /// deepest step.
 #[inline(never)]
 pub fn verify_strict(
@@ -86,14 +86,16 @@ pub fn verify_strict(
     let mut neg_a = EdwardsPoint::identity();
     negated_public_point(public, &mut neg_a)?;
     // 2. S < l.
-    let s = canonical(s).ok_or(Error::Signature)?;
+    if !canonical(s) {
+        return Err(Error::Signature);
+    }
     // 3. R is a point, 4. not of small order.
     if !r_is_valid(r) {
         return Err(Error::Signature);
     }
     // 5. [S]B - [k]A == R, on encodings.
     let k = challenge(r, public, message);
-    if equation(&s, &k, &neg_a, r) {
+    if equation(s, &k, &neg_a, r) {
         Ok(())
     } else {
         Err(Error::Signature)
@@ -133,10 +135,10 @@ fn negate(p: &mut EdwardsPoint) {
     *p = -&*p;
 }
 
-/// `S` as a scalar if `S < l`.
+/// Whether `S < l` (then its bytes are the scalar's: little-endian, as `Scalar::as_bytes`).
 #[inline(never)]
-fn canonical(s: &[u8; 32]) -> Option<Scalar> {
-    Scalar::from_canonical_bytes(*s).into()
+fn canonical(s: &[u8; 32]) -> bool {
+    Scalar::from_canonical_bytes(*s).is_some().into()
 }
 
 /// `R` decompresses and is of large order (the point itself is not needed: the equation
@@ -166,7 +168,7 @@ fn challenge(r: &[u8; 32], public: &[u8; 32], message: &[u8]) -> Scalar {
 
 /// `[s]B - [k]A`, compressed, equals the bytes of `r`.
 #[inline(never)]
-fn equation(s: &Scalar, k: &Scalar, neg_a: &EdwardsPoint, r: &[u8; 32]) -> bool {
+fn equation(s: &[u8; 32], k: &Scalar, neg_a: &EdwardsPoint, r: &[u8; 32]) -> bool {
     let mut sum = EdwardsPoint::identity();
     double_base(s, k, neg_a, &mut sum);
     encodes_as(&sum, r)
@@ -184,8 +186,8 @@ fn encodes_as(p: &EdwardsPoint, r: &[u8; 32]) -> bool {
 /// across the loop; variable time, which is fine for public data. Both scalars are below
 /// `2^253` (`s` is canonical, `k` reduced mod `l`).
 #[inline(never)]
-fn double_base(s: &Scalar, k: &Scalar, neg_a: &EdwardsPoint, sum: &mut EdwardsPoint) {
-    let (s, k) = (s.as_bytes(), k.as_bytes());
+fn double_base(s: &[u8; 32], k: &Scalar, neg_a: &EdwardsPoint, sum: &mut EdwardsPoint) {
+    let k = k.as_bytes();
     let bit = |bytes: &[u8; 32], i: usize| (bytes[i / 8] >> (i % 8)) & 1 == 1;
     for i in (0..253).rev() {
         double(sum);
