@@ -7,7 +7,8 @@ each; vpush: 8 per d register, 4 per s register) plus its largest `sub sp` adjus
 `bl`/`blx` to a named function, and `b`/`b.w` to the start of another function (a tail call,
 counted as nested: an over-estimate of at most the caller's frame). The depth of a function is its
 frame plus the deepest of its callees. Recursion (a cycle) is cut and reported; indirect calls
-(`blx rN`) are counted and reported, as their targets are unknown.
+(`blx rN`) follow a register loaded from the literal pool (`ldr rN, [pc, ...]`, possibly copied
+with `mov`); others are counted and reported, as their targets are unknown.
 
 Usage: stack.py ROOT [N]  -- prints, as markdown table rows, the deepest path below ROOT (its
 callees, not ROOT itself) and the N largest frames; the first line is "TOTAL <bytes>", the
@@ -24,6 +25,7 @@ SUB_SP = re.compile(r"\bsub(?:\.w|w)?\s+sp,\s*(?:sp,\s*)?#(0x[0-9a-f]+|\d+)")
 CALL = re.compile(r"\b(bl|blx|b|b\.w)\s+0x([0-9a-f]+)\s+<([^>+]+)>")
 INDIRECT = re.compile(r"\bblx\s+(r\d+)")
 LITERAL = re.compile(r"\bldr(?:\.w)?\s+(r\d+),\s*\[pc.*@\s*0x([0-9a-f]+)")
+MOVE = re.compile(r"\bmov(?:\.w)?\s+(r\d+),\s*(r\d+)\s*$")
 WORD = re.compile(r"^\s*([0-9a-f]+):.*\.word\s+0x([0-9a-f]+)")
 
 
@@ -85,6 +87,14 @@ def parse(lines):
         m = LITERAL.search(ins)
         if m:
             loaded[m.group(1)] = words.get(int(m.group(2), 16))
+            continue
+        m = MOVE.search(ins)
+        if m:
+            # A call target copied to another register (or that register overwritten).
+            if m.group(2) in loaded:
+                loaded[m.group(1)] = loaded[m.group(2)]
+            else:
+                loaded.pop(m.group(1), None)
             continue
         m = INDIRECT.search(ins)
         if m:
