@@ -111,6 +111,9 @@ pub enum BrokerError {
         /// How long start-up waited.
         waited: Duration,
     },
+    /// An in-process link (`EmbeddedBroker::start_with_links`) could not be opened.
+    #[error("the MQTT broker refused an in-process link: {0}")]
+    Link(String),
 }
 
 impl BrokerError {

@@ -98,6 +98,20 @@ impl EmbeddedBroker {
         config: &BrokerConfig,
         auth: Arc<dyn ConnectAuth>,
     ) -> Result<EmbeddedBroker, BrokerError> {
+        Ok(Self::start_with_links(config, auth, &[])?.0)
+    }
+
+    /// [`EmbeddedBroker::start`], plus one in-process connection (rumqttd's local link, clean
+    /// session, counted against `max_connections`) per client id, opened before the listeners
+    /// start. Not used by the service: the embedded-broker benchmark
+    /// (`ingest/examples/broker_path.rs`) measures with it what a subscriber costs without
+    /// TCP and rumqttc.
+    #[doc(hidden)]
+    pub fn start_with_links(
+        config: &BrokerConfig,
+        auth: Arc<dyn ConnectAuth>,
+        client_ids: &[&str],
+    ) -> Result<(EmbeddedBroker, Vec<LocalLink>), BrokerError> {
         config.validate()?;
         let local_addr = resolve_listen(config.listen)?;
         let tls_addr = match &config.tls {
@@ -105,7 +119,7 @@ impl EmbeddedBroker {
             None => None,
         };
 
-        let rumqttd_config = rumqttd_config(config, local_addr, tls_addr, auth)?;
+        let rumqttd_config = rumqttd_config(config, local_addr, tls_addr, auth, client_ids.len())?;
         if let Some(tls) = &config.tls {
             tracing::warn!(
                 listen = %tls.listen,
@@ -113,26 +127,43 @@ impl EmbeddedBroker {
                  handshake (rumqttd 0.20); do not expose it to untrusted networks"
             );
         }
+        let ids: Vec<String> = client_ids.iter().map(|&id| id.to_owned()).collect();
+        let (links_tx, links_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("tinyfleet-broker".to_owned())
             .spawn(move || {
                 let mut broker = rumqttd::Broker::new(rumqttd_config);
                 keep_router_awake(&broker);
+                let links: Result<Vec<LocalLink>, String> = ids
+                    .iter()
+                    .map(|id| {
+                        broker
+                            .link(id)
+                            .map(|(tx, rx)| LocalLink { tx, rx })
+                            .map_err(|e| format!("in-process link {id}: {e}"))
+                    })
+                    .collect();
+                let _ = links_tx.send(links);
                 if let Err(e) = broker.start() {
                     tracing::error!(error = %e, "the MQTT broker stopped");
                 }
             })
             .map_err(BrokerError::Spawn)?;
 
+        let links = links_rx
+            .recv_timeout(START_TIMEOUT)
+            .map_err(|_| BrokerError::BrokerDied { addr: local_addr })?
+            .map_err(BrokerError::Link)?;
         for addr in std::iter::once(local_addr).chain(tls_addr) {
             wait_until_listening(addr, &thread)?;
         }
         tracing::info!(%local_addr, tls = ?tls_addr, "MQTT broker listening");
-        Ok(EmbeddedBroker {
+        let broker = EmbeddedBroker {
             local_addr,
             tls_addr,
             _thread: thread,
-        })
+        };
+        Ok((broker, links))
     }
 
     /// The address of the plain MQTT listener, with the real port when `listen` had port 0.
@@ -143,6 +174,21 @@ impl EmbeddedBroker {
     /// The address of the TLS listener, when one is configured.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_addr
+    }
+}
+
+/// An in-process connection to the embedded broker ([`EmbeddedBroker::start_with_links`]).
+#[doc(hidden)]
+pub struct LocalLink {
+    pub tx: rumqttd::local::LinkTx,
+    pub rx: rumqttd::local::LinkRx,
+}
+
+impl std::fmt::Debug for LocalLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalLink")
+            .field("connection", &self.rx.id())
+            .finish()
     }
 }
 
@@ -214,10 +260,14 @@ fn rumqttd_config(
     listen: SocketAddr,
     tls_listen: Option<SocketAddr>,
     auth: Arc<dyn ConnectAuth>,
+    links: usize,
 ) -> Result<rumqttd::Config, BrokerError> {
     let router = rumqttd::RouterConfig {
-        // One more for the link that keeps the router awake.
-        max_connections: config.max_connections.saturating_add(1),
+        // One more for the link that keeps the router awake, and the in-process links.
+        max_connections: config
+            .max_connections
+            .saturating_add(1)
+            .saturating_add(links),
         // QoS 0 messages read from a log per scheduling round; QoS 1 reads are bounded by the
         // in-flight window instead.
         max_outgoing_packet_count: 200,

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use tinyfleet_broker::{
@@ -965,4 +965,56 @@ mod tls {
         drop(idle);
         assert_eq!(tls_connect(addr, WAIT), Some([0x20, 2, 0, 0]));
     }
+}
+
+/// `EmbeddedBroker::start_with_links` (the embedded-broker benchmark's in-process subscriber): a
+/// link opened before the listeners start receives what a device publishes over TCP.
+#[tokio::test]
+async fn an_in_process_link_receives_what_a_device_publishes() {
+    use rumqttd::Notification;
+    use tinyfleet_broker::embedded::LocalLink;
+
+    let (broker, mut links) =
+        EmbeddedBroker::start_with_links(&small_config(), auth(), &["tinyfleet-test-link"])
+            .unwrap();
+    let LocalLink { mut tx, mut rx } = links.pop().unwrap();
+    assert!(links.is_empty());
+    // The link's calls block: run them off the test's runtime.
+    let (tx_back, rx) = tokio::task::spawn_blocking(move || {
+        tx.subscribe("tf/v1/+/sum").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match rx.recv_deadline(deadline) {
+                Ok(Some(Notification::DeviceAck(_))) => return (tx, rx),
+                Ok(_) => {}
+                Err(e) => panic!("no SUBACK on the link: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    let mut device = drive(&client_config(&broker, "dev1", "dev1", "dev1-pw"));
+    device.connected().await;
+    device
+        .publish_acked("tf/v1/dev1/sum", b"summary-1".to_vec())
+        .await;
+
+    let (topic, payload) = tokio::task::spawn_blocking(move || {
+        let (_tx, mut rx) = (tx_back, rx);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match rx.recv_deadline(deadline) {
+                Ok(Some(Notification::Forward(f))) => {
+                    return (f.publish.topic.to_vec(), f.publish.payload.to_vec());
+                }
+                Ok(_) => {}
+                Err(e) => panic!("nothing forwarded to the link: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(topic, b"tf/v1/dev1/sum");
+    assert_eq!(payload, b"summary-1");
 }

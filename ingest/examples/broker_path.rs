@@ -1,8 +1,14 @@
 //! The whole path through the embedded broker, side by side in one run:
 //!
 //! 1. **forwarding**: publishers -> embedded broker -> a subscriber that only counts (QoS 1);
+//!    then the same subscriber acknowledging each message itself (as ingest does), over TCP
+//!    with rumqttc and over rumqttd's in-process link (no TCP, no MQTT codec, no rumqttc);
 //! 2. **ingest**: the same publishers and messages (new boot, so nothing is a duplicate) ->
-//!    embedded broker -> ingest (verify, decode, dedup, aggregate, SQLite commit, then PUBACK).
+//!    embedded broker -> ingest (verify, decode, dedup, aggregate, SQLite commit, then PUBACK);
+//! 3. **ingest over the in-process link, an upper bound**: the same shell and pipeline fed by
+//!    rumqttd's in-process link instead of rumqttc over TCP. The link acknowledges each message
+//!    on receipt (the shell's acknowledgements are tied to rumqttc), so this is what such a
+//!    source could reach, not a durable path: it measures whether one is worth building.
 //!
 //! Reports messages per second for each and their ratio (docs/benchmarks.md).
 //!
@@ -15,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tinyfleet_broker::client::ClientConfig;
+use tinyfleet_broker::embedded::LocalLink;
 use tinyfleet_broker::{BrokerConfig, EmbeddedBroker};
 use tinyfleet_device::testkit::{ReferenceProfile, Rng, StreamParams, sample};
 use tinyfleet_device::wire::{DeviceId, Kind, Topic};
@@ -22,7 +29,7 @@ use tinyfleet_device::{DeviceKey, ReferenceMonitor};
 use tinyfleet_ingest::auth::{FleetAuth, SERVICE_USER};
 use tinyfleet_ingest::metrics::Metrics;
 use tinyfleet_ingest::pipeline::{Pipeline, PipelineConfig};
-use tinyfleet_ingest::shell::{self, ShellConfig};
+use tinyfleet_ingest::shell::{self, Incoming, ShellConfig};
 use tinyfleet_ingest::source::SourceConfig;
 use tinyfleet_store::Store;
 use tokio::sync::{mpsc, watch};
@@ -181,6 +188,204 @@ async fn forward(
     (elapsed, cpu)
 }
 
+/// The forwarding of [`forward`] with manual acks, to a subscriber on rumqttd's in-process link
+/// instead of a TCP client: it subscribes at QoS 1, counts each message and acknowledges it on
+/// its own (in order, as rumqttd requires), on a thread of its own (the link's calls block).
+/// Returns the time until all arrived and the process CPU time meanwhile.
+async fn forward_local(
+    broker: &EmbeddedBroker,
+    fleet: &Fleet,
+    msgs: &Arc<Vec<(String, Vec<u8>)>>,
+    publishers: usize,
+    link: LocalLink,
+) -> (Duration, Duration) {
+    let n = msgs.len() as u64;
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
+    let subscriber =
+        std::thread::spawn(move || local_subscriber(link, n, &counter, &subscribed_tx, None));
+    subscribed
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("in-process subscriber not subscribed: {e}"));
+    let (t0, cpu0) = (Instant::now(), process_cpu());
+    publish_all(broker, fleet, msgs.clone(), publishers).await;
+    while received.load(Ordering::Relaxed) < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the in-process subscriber stalled at {} of {n}",
+            received.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = t0.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu0);
+    let _ = tokio::task::spawn_blocking(move || subscriber.join()).await;
+    (elapsed, cpu)
+}
+
+/// The in-process subscriber of [`forward_local`]: takes `n` messages, then unsubscribes. With
+/// `deliver`, each message also goes to an ingest shell (acknowledged on receipt all the same).
+fn local_subscriber(
+    link: LocalLink,
+    n: u64,
+    counter: &AtomicU64,
+    subscribed: &std::sync::mpsc::Sender<()>,
+    deliver: Option<mpsc::Sender<Incoming>>,
+) {
+    use rumqttd::Notification;
+    use rumqttd::protocol::{
+        Filter, Packet, PubAck, PubAckReason, QoS, RetainForwardRule, Subscribe, Unsubscribe,
+    };
+    let LocalLink { mut tx, mut rx } = link;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let filter = Filter {
+        path: "tf/v1/+/sum".into(),
+        qos: QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: RetainForwardRule::Never,
+    };
+    let subscribe = Packet::Subscribe(
+        Subscribe {
+            pkid: 1,
+            filters: vec![filter],
+        },
+        None,
+    );
+    runtime
+        .block_on(tx.send(subscribe))
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let mut got = 0u64;
+    while got < n {
+        match rx.recv() {
+            Ok(Some(Notification::Forward(forward))) => {
+                if let Some(deliver) = &deliver {
+                    let incoming = Incoming {
+                        topic: String::from_utf8_lossy(&forward.publish.topic).into_owned(),
+                        payload: forward.publish.payload.to_vec(),
+                        received_ms: tinyfleet_store::now_ms(),
+                        ack: None,
+                    };
+                    if deliver.blocking_send(incoming).is_err() {
+                        return;
+                    }
+                }
+                // rumqttd numbers a connection's QoS 1 deliveries 1, 2, ..., 100, 1, ... (its
+                // in-flight window; `Publish::pkid` is not public) and wants them acknowledged
+                // in that order: a wrong id disconnects the link and stalls this phase.
+                let pkid = (got % 100) as u16 + 1;
+                got += 1;
+                counter.fetch_add(1, Ordering::Relaxed);
+                let ack = Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    },
+                    None,
+                );
+                if runtime.block_on(tx.send(ack)).is_err() {
+                    return;
+                }
+            }
+            Ok(Some(Notification::DeviceAck(_))) => {
+                let _ = subscribed.send(());
+            }
+            // The router paused this link (its buffer was full) until it is ready again.
+            Ok(Some(Notification::Unschedule)) => {
+                let _ = rx.ready();
+            }
+            Ok(_) => {}
+            Err(e) => panic!("in-process subscriber: {e}"),
+        }
+    }
+    // Unsubscribe rather than disconnect: the router would log an error for each of the acks'
+    // wake-up events still queued behind a disconnect.
+    let unsubscribe = Packet::Unsubscribe(
+        Unsubscribe {
+            pkid: 2,
+            filters: vec!["tf/v1/+/sum".into()],
+        },
+        None,
+    );
+    let _ = runtime.block_on(tx.send(unsubscribe));
+}
+
+/// The shell and pipeline of ingest over `store`, running; returns its metrics, where messages
+/// go in, and the shutdown signal the shell's source also watches.
+fn start_shell(
+    store: &Store,
+    journal: Option<std::path::PathBuf>,
+) -> (
+    Arc<Metrics>,
+    mpsc::Sender<Incoming>,
+    watch::Sender<bool>,
+    watch::Receiver<bool>,
+) {
+    let metrics = Arc::new(Metrics::default());
+    let pipeline = Pipeline::new(
+        PipelineConfig {
+            collect_events: false,
+            ..PipelineConfig::default()
+        },
+        store.clone(),
+        metrics.clone(),
+    );
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (tx, rx) = mpsc::channel(4000);
+    tokio::spawn(shell::run(
+        pipeline,
+        rx,
+        ShellConfig {
+            journal,
+            ..ShellConfig::default()
+        },
+        Vec::new(),
+        shutdown_rx.clone(),
+    ));
+    (metrics, tx, shutdown, shutdown_rx)
+}
+
+/// Phase 3: the shell and pipeline of phase 2 fed by an in-process link that acknowledges on
+/// receipt (see the module documentation). Returns the time until every message was accepted
+/// and the process CPU time meanwhile.
+async fn ingest_local(
+    broker: &EmbeddedBroker,
+    fleet: &Fleet,
+    store: &Store,
+    journal: Option<std::path::PathBuf>,
+    msgs: Arc<Vec<(String, Vec<u8>)>>,
+    publishers: usize,
+    link: LocalLink,
+) -> (Duration, Duration) {
+    let n = msgs.len() as u64;
+    let (metrics, tx, _shutdown, _) = start_shell(store, journal);
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
+    let subscriber =
+        std::thread::spawn(move || local_subscriber(link, n, &counter, &subscribed_tx, Some(tx)));
+    subscribed
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("in-process ingest not subscribed: {e}"));
+    let (t0, cpu0) = (Instant::now(), process_cpu());
+    publish_all(broker, fleet, msgs, publishers).await;
+    while metrics.accepted("summary") < n || metrics.pending.load(Ordering::Relaxed) > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "in-process ingest stalled at {} of {n}",
+            metrics.accepted("summary")
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = t0.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu0);
+    let _ = tokio::task::spawn_blocking(move || subscriber.join()).await;
+    (elapsed, cpu)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     tracing_subscriber::fmt()
@@ -231,14 +436,24 @@ async fn main() {
         service_password: SERVICE_PASSWORD.into(),
         devices_allowed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     });
-    let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(&broker_config, auth))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("broker: {e}"));
+    let (broker, mut links) = tokio::task::spawn_blocking(move || {
+        EmbeddedBroker::start_with_links(
+            &broker_config,
+            auth,
+            &["tinyfleet-local-counter", "tinyfleet-local-ingest"],
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("broker: {e}"));
+    let (Some(ingest_link), Some(local_link)) = (links.pop(), links.pop()) else {
+        unreachable!()
+    };
     let addr = broker.local_addr();
 
     let forwarding_msgs = Arc::new(messages(&fleet, 1, per_device));
     let ingest_msgs = Arc::new(messages(&fleet, 2, per_device));
+    let local_ingest_msgs = Arc::new(messages(&fleet, 3, per_device));
     let n = forwarding_msgs.len() as u64;
     let size = forwarding_msgs.iter().map(|m| m.1.len()).sum::<usize>() / n.max(1) as usize;
     println!(
@@ -250,19 +465,12 @@ async fn main() {
     let (forwarding, forwarding_cpu) =
         forward(&broker, &fleet, &forwarding_msgs, publishers, false).await;
     let (acking, acking_cpu) = forward(&broker, &fleet, &forwarding_msgs, publishers, true).await;
+    let (local, local_cpu) =
+        forward_local(&broker, &fleet, &forwarding_msgs, publishers, local_link).await;
 
     // 2. The ingest path.
-    let metrics = Arc::new(Metrics::default());
-    let pipeline = Pipeline::new(
-        PipelineConfig {
-            collect_events: false,
-            ..PipelineConfig::default()
-        },
-        store.clone(),
-        metrics.clone(),
-    );
-    let (_shutdown, shutdown_rx) = watch::channel(false);
-    let (tx, rx) = mpsc::channel(4000);
+    let (metrics, tx, _shutdown, shutdown_rx) =
+        start_shell(&store, journal.then(|| dir.path().join("ingest.journal")));
     let client = ClientConfig {
         url_host: addr.ip().to_string(),
         port: addr.port(),
@@ -279,16 +487,6 @@ async fn main() {
         tx,
         metrics.clone(),
         Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        shutdown_rx.clone(),
-    ));
-    tokio::spawn(shell::run(
-        pipeline,
-        rx,
-        ShellConfig {
-            journal: journal.then(|| dir.path().join("ingest.journal")),
-            ..ShellConfig::default()
-        },
-        Vec::new(),
         shutdown_rx,
     ));
     // Wait until ingest is subscribed: a probe summary must come through.
@@ -315,6 +513,17 @@ async fn main() {
     let commit_ms = metrics.commit_seconds_sum_us.load(Ordering::Relaxed) as f64
         / 1000.0
         / commits.max(1) as f64;
+    // 3. The same shell and pipeline over the in-process link (boot 3: nothing is a duplicate).
+    let (local_ingest, local_ingest_cpu) = ingest_local(
+        &broker,
+        &fleet,
+        &store,
+        journal.then(|| dir.path().join("ingest-local.journal")),
+        local_ingest_msgs,
+        publishers,
+        ingest_link,
+    )
+    .await;
 
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     // CPU per message: everything in this process (broker, publishers, subscriber or ingest).
@@ -333,6 +542,12 @@ async fn main() {
         rate(acking),
         cpu_us(acking_cpu)
     );
+    println!(
+        "| forwarding to an in-process link (rumqttd's local link), acknowledged one by one | {n} | {:.2} | {:.0} | {:.1} us |",
+        local.as_secs_f64(),
+        rate(local),
+        cpu_us(local_cpu)
+    );
     let mode = if journal {
         "verify, decode, dedup, aggregate, journal fsync, ack; checkpoint each second"
     } else {
@@ -343,6 +558,12 @@ async fn main() {
         ingest.as_secs_f64(),
         rate(ingest),
         cpu_us(ingest_cpu)
+    );
+    println!(
+        "| ingest over the in-process link, acknowledged on receipt (an upper bound, not durable) | {n} | {:.2} | {:.0} | {:.1} us |",
+        local_ingest.as_secs_f64(),
+        rate(local_ingest),
+        cpu_us(local_ingest_cpu)
     );
     println!(
         "ingest / forwarding = {:.0}%; {commits} store commits of {:.0} messages, {commit_ms:.2} ms each; rejected: {}",
