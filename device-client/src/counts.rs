@@ -320,5 +320,111 @@ mod tests {
                 if r.vector(len, |_| {}).is_err() { break; }
             }
         }
+
+        /// The reader decodes exactly what a bit-at-a-time reading of the format does, errors
+        /// and trailing checks included, on arbitrary bytes (mostly garbage) and on valid
+        /// streams with a flipped bit.
+        #[test]
+        fn reader_agrees_with_a_bit_at_a_time_decoder(
+            bytes in proptest::collection::vec(any::<u8>(), 0..80),
+            vs in proptest::collection::vec(any::<u32>().prop_map(|v| v >> (v % 32)), 0..40),
+            flip in any::<u16>(),
+            lens in proptest::collection::vec(0usize..40, 1..6),
+        ) {
+            let mut buf = [0u8; 512];
+            let mut w = BitWriter::new(&mut buf);
+            w.vector(vs.iter().copied()).unwrap();
+            let n = w.byte_len();
+            let mut valid = buf[..n].to_vec();
+            if !valid.is_empty() && flip % 2 == 0 {
+                let bit = usize::from(flip / 2) % (valid.len() * 8);
+                valid[bit / 8] ^= 0x80 >> (bit % 8);
+            }
+            for (input, lens) in [(&bytes, lens.clone()), (&valid, std::vec![vs.len()])] {
+                prop_assert_eq!(decode_all(input, &lens), reference_decode(input, &lens));
+            }
+        }
+    }
+
+    type Decoded = (std::vec::Vec<std::vec::Vec<u32>>, Result<(), CountsError>);
+
+    /// `lens` vectors through [`BitReader`], then its trailing check.
+    fn decode_all(bytes: &[u8], lens: &[usize]) -> Decoded {
+        let mut r = BitReader::new(bytes);
+        let mut out = std::vec::Vec::new();
+        for &len in lens {
+            let mut v = std::vec::Vec::new();
+            if let Err(e) = r.vector(len, |x| v.push(x)) {
+                out.push(v);
+                return (out, Err(e));
+            }
+            out.push(v);
+        }
+        (out, r.finish())
+    }
+
+    /// The same, one bit at a time, straight from the format: per vector a 4-bit order k, then
+    /// per value z zeros, a one, z + k more bits; the value is that (z + k + 1)-bit number
+    /// minus 2^k, more than 32 - k zeros or a value beyond u32 being overlong; then only
+    /// zero padding to the byte.
+    fn reference_decode(bytes: &[u8], lens: &[usize]) -> Decoded {
+        let total = bytes.len() * 8;
+        let bit = |i: usize| (bytes[i / 8] >> (7 - i % 8)) & 1;
+        let mut pos = 0usize;
+        let take = |n: u32, pos: &mut usize| -> Result<u64, CountsError> {
+            if *pos + n as usize > total {
+                return Err(CountsError::Truncated);
+            }
+            let mut v = 0u64;
+            for _ in 0..n {
+                v = (v << 1) | u64::from(bit(*pos));
+                *pos += 1;
+            }
+            Ok(v)
+        };
+        let mut out = std::vec::Vec::new();
+        for &len in lens {
+            let mut v = std::vec::Vec::new();
+            let step = (|| -> Result<(), CountsError> {
+                let k = take(4, &mut pos)? as u32;
+                for _ in 0..len {
+                    let mut zeros = 0u32;
+                    loop {
+                        if pos >= total {
+                            // Ran out: overlong if the zeros seen already exceed the limit
+                            // at a byte boundary (where the reader checks), else truncated.
+                            return Err(if zeros > 32 - k {
+                                CountsError::Overlong
+                            } else {
+                                CountsError::Truncated
+                            });
+                        }
+                        let b = bit(pos);
+                        pos += 1;
+                        if b == 1 {
+                            break;
+                        }
+                        zeros += 1;
+                    }
+                    if zeros > 32 - k {
+                        return Err(CountsError::Overlong);
+                    }
+                    let rest = take(zeros + k, &mut pos)?;
+                    let w = (1u64 << (zeros + k)) | rest;
+                    v.push(u32::try_from(w - (1u64 << k)).map_err(|_| CountsError::Overlong)?);
+                }
+                Ok(())
+            })();
+            out.push(v);
+            if let Err(e) = step {
+                return (out, Err(e));
+            }
+        }
+        let trailing = if total != pos.div_ceil(8) * 8 || (pos..total).any(|i| bit(i) == 1) {
+            Err(CountsError::TrailingData)
+        } else {
+            Ok(())
+        };
+        (out, trailing)
     }
 }
