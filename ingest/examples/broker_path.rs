@@ -200,20 +200,40 @@ async fn forward_local(
     link: LocalLink,
 ) -> (Duration, Duration) {
     let n = msgs.len() as u64;
+    through_link(broker, fleet, msgs.clone(), publishers, link, None, |got| {
+        got >= n
+    })
+    .await
+}
+
+/// Runs [`local_subscriber`] over `link` on a thread of its own (handing each message to
+/// `deliver` when given), publishes `msgs` once it is subscribed, and waits until `done` holds
+/// for the number of messages the link took. Returns the time from the first publish until
+/// then and the process CPU time meanwhile.
+async fn through_link(
+    broker: &EmbeddedBroker,
+    fleet: &Fleet,
+    msgs: Arc<Vec<(String, Vec<u8>)>>,
+    publishers: usize,
+    link: LocalLink,
+    deliver: Option<mpsc::Sender<Incoming>>,
+    done: impl Fn(u64) -> bool,
+) -> (Duration, Duration) {
+    let n = msgs.len() as u64;
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
     let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
     let subscriber =
-        std::thread::spawn(move || local_subscriber(link, n, &counter, &subscribed_tx, None));
+        std::thread::spawn(move || local_subscriber(link, n, &counter, &subscribed_tx, deliver));
     subscribed
         .recv_timeout(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("in-process subscriber not subscribed: {e}"));
     let (t0, cpu0) = (Instant::now(), process_cpu());
-    publish_all(broker, fleet, msgs.clone(), publishers).await;
-    while received.load(Ordering::Relaxed) < n {
+    publish_all(broker, fleet, msgs, publishers).await;
+    while !done(received.load(Ordering::Relaxed)) {
         assert!(
             t0.elapsed() < Duration::from_secs(120),
-            "the in-process subscriber stalled at {} of {n}",
+            "stalled with {} of {n} messages through the in-process link",
             received.load(Ordering::Relaxed)
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -362,28 +382,9 @@ async fn ingest_local(
 ) -> (Duration, Duration) {
     let n = msgs.len() as u64;
     let (metrics, tx, _shutdown, _) = start_shell(store, journal);
-    let received = Arc::new(AtomicU64::new(0));
-    let counter = received.clone();
-    let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
-    let subscriber =
-        std::thread::spawn(move || local_subscriber(link, n, &counter, &subscribed_tx, Some(tx)));
-    subscribed
-        .recv_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("in-process ingest not subscribed: {e}"));
-    let (t0, cpu0) = (Instant::now(), process_cpu());
-    publish_all(broker, fleet, msgs, publishers).await;
-    while metrics.accepted("summary") < n || metrics.pending.load(Ordering::Relaxed) > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "in-process ingest stalled at {} of {n}",
-            metrics.accepted("summary")
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let elapsed = t0.elapsed();
-    let cpu = process_cpu().saturating_sub(cpu0);
-    let _ = tokio::task::spawn_blocking(move || subscriber.join()).await;
-    (elapsed, cpu)
+    let ingested =
+        |_| metrics.accepted("summary") >= n && metrics.pending.load(Ordering::Relaxed) == 0;
+    through_link(broker, fleet, msgs, publishers, link, Some(tx), ingested).await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

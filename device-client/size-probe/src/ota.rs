@@ -23,8 +23,8 @@ use tinyfleet_device::ota::{boot, decode_block};
 use tinyfleet_device::wire::{self, BlockRequest, Kind};
 use tinyfleet_device::{DeviceId, DeviceKey};
 
-/// Largest patch block the device applies (its patcher holds about 3 x B bytes): a fleet of
-/// such devices runs the service with `[ota] block_size = 512`.
+/// Largest patch block the device applies (its patcher holds about 3 x B bytes): the service's
+/// default `[ota] block_size`.
 const B: usize = 512;
 /// The message buffer: an offer, a block message (B bytes of data and its CBOR header), or a
 /// message the device seals (a summary takes at most `OUT_LEN`).

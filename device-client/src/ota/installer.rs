@@ -486,9 +486,7 @@ impl<'a, F: NorFlash, const B: usize> Installer<'a, F, B> {
         signed: Result<core::ops::Range<usize>, OfferError>,
     ) -> Result<Report, Error<F::Error>> {
         self.guard(|me| {
-            let verified = signed.and_then(|payload| {
-                manifest::decode_checked(buf.get(payload).ok_or(OfferError::Malformed)?)
-            });
+            let verified = signed.and_then(|payload| manifest::decode_signed(buf, payload));
             me.offer_inner(verified)
         })
     }

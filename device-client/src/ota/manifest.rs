@@ -367,7 +367,7 @@ fn check_signature(
 /// Decodes and checks the manifest of an offer whose signature verified. Not inlined, so that
 /// its temporaries stay out of the frames above the signature check.
 #[inline(never)]
-pub(crate) fn decode_checked(payload: &[u8]) -> Result<Manifest<'_>, OfferError> {
+fn decode_checked(payload: &[u8]) -> Result<Manifest<'_>, OfferError> {
     let manifest = Manifest::decode(payload)?;
     manifest.check()?;
     Ok(manifest)
@@ -412,6 +412,15 @@ pub fn verify_offer_in_place<'a>(
     trusted: &[TrustedKey<'_>],
 ) -> Result<Manifest<'a>, OfferError> {
     let payload = signed_payload_in_place(buf, trusted)?;
+    decode_signed(buf, payload)
+}
+
+/// The manifest of an offer whose signature [`signed_payload_in_place`] checked: `payload` is
+/// where it returned the payload is now in `buf`.
+pub(crate) fn decode_signed(
+    buf: &[u8],
+    payload: core::ops::Range<usize>,
+) -> Result<Manifest<'_>, OfferError> {
     decode_checked(buf.get(payload).ok_or(OfferError::Malformed)?)
 }
 
